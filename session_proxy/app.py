@@ -1,0 +1,80 @@
+"""Application factories: routes, shared components and their lifetimes. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import handlers
+from .backends.base import ExecBackend
+from .guards import SECURITY_HEADERS, json_errors, local_only
+from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
+from .limits import Admission
+from .metrics import Metrics
+from .settings import Settings
+from .supervisor import Supervisor
+
+
+class BackendUnavailable(Exception):
+    """The configured backend cannot be built (missing module, bad configuration)."""
+
+
+def build_backend(settings: Settings) -> ExecBackend:
+    if settings.backend == "local":
+        from .backends.local import LocalBackend
+
+        return LocalBackend(settings.local_root)
+    raise BackendUnavailable(
+        "backend: 'kubernetes' is not available in this version yet; use --backend local"
+    )
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    # The rate limiter binds to the running loop, so it is made here, not at import or build.
+    app[ADMISSION] = Admission(app[SETTINGS])
+    yield
+    await app[SUPERVISOR].wait_background()
+    await app[BACKEND].close()
+
+
+async def _no_caching(request: web.Request, response: web.StreamResponse) -> None:
+    if not response.prepared:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend: ExecBackend | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The exec API (loopback only)."""
+    app = web.Application(
+        middlewares=[json_errors, local_only],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[BACKEND] = backend or build_backend(settings)
+    app[METRICS] = metrics or Metrics()
+    app[SUPERVISOR] = Supervisor()
+    app[METRICS].describe_build(app[BACKEND].name)
+    app.cleanup_ctx.append(_lifetime)
+    app.on_response_prepare.append(_no_caching)
+    app.router.add_post("/exec", handlers.post_exec)
+    app.router.add_get("/status", handlers.get_status)
+    app.router.add_get("/healthz", handlers.get_healthz)
+    app.router.add_get("/openapi.json", handlers.get_openapi)
+    return app
+
+
+def create_ops_app(exec_app: web.Application) -> web.Application:
+    """Metrics and probes (pod IP): shares the exec app's components, runs nothing."""
+    app = web.Application(middlewares=[json_errors])
+    app[EXEC_APP] = exec_app
+    app[METRICS] = exec_app[METRICS]
+    app.router.add_get("/metrics", handlers.get_metrics)
+    app.router.add_get("/healthz", handlers.get_healthz)
+    app.router.add_get("/readyz", handlers.get_readyz)
+    return app

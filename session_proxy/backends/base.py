@@ -1,0 +1,92 @@
+"""The seam between the exec API and where commands run.
+
+A backend starts a command and hands back an ``Execution``: a source of output chunks that ends
+when the command has exited (learned out of band, never from pipe EOF), its exit status, and a
+way to terminate the command with everything it started. Deadlines, limits and the wire format
+live above this seam, so every backend gets them for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ..models import ExitReason, Guarantees
+
+StreamName = Literal["stdout", "stderr"]
+WaitingCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    exec_id: str
+    argv: list[str]
+    workdir: str | None
+    env: dict[str, str]
+    stdin: bytes | None
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    stream: StreamName
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a command ended on its own. ``reason`` is ``exited`` unless the backend knows worse."""
+
+    exit_code: int | None
+    signal: int | None = None
+    reason: ExitReason = "exited"
+    message: str | None = None
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    ready: bool
+    target: dict[str, Any] = field(default_factory=dict)
+
+
+class Execution(Protocol):
+    target: str
+    guarantees: Guarantees
+
+    async def next_chunk(self) -> OutputChunk | None:
+        """Next output chunk; ``None`` once the command has exited and its output is drained.
+
+        Must be safe to cancel (deadlines cancel it) and must not buffer without bound: while
+        nobody calls it, the command is held back.
+        """
+
+    def exit_status(self) -> ExitStatus:
+        """The status, once ``next_chunk`` has returned ``None``."""
+
+    async def terminate(self, grace: float) -> ExitStatus | None:
+        """End the command and every process it started: TERM, ``grace`` seconds, KILL.
+
+        Also called after a normal exit, to end leftovers (``sleep 300 &``). Returns the
+        command's status if it was still running and ended now.
+        """
+
+    async def close(self) -> None:
+        """Release pipes, sockets and tasks. Called exactly once, last."""
+
+
+class ExecBackend(Protocol):
+    name: str
+
+    async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Execution:
+        """Start the command; raise a ``ProxyError`` if it cannot be started at all.
+
+        ``on_waiting`` may be awaited before the command starts to report why it is delayed.
+        """
+
+    async def info(self) -> BackendInfo:
+        """What ``/status`` and ``/readyz`` report."""
+
+    async def close(self) -> None:
+        """Release clients and connections at shutdown."""

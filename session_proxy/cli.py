@@ -1,0 +1,153 @@
+"""Command line: ``session-proxy serve`` (the sidecar) and ``session-proxy exec`` (a client).
+
+``exec`` exit codes: the command's own code; 128+N when signal N killed it; 124 when it ran
+out of time (like coreutils ``timeout``); 125 when the proxy refused, was unreachable or ended
+the command for another reason (the message says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from . import __version__
+from .settings import Settings, env_name, flag_name
+
+EXIT_USAGE: Final = 2
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} (env {env_name(name)})"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag_name(name), dest=name, action="store_const", const="true", help=help_text
+            )
+        else:
+            parser.add_argument(flag_name(name), dest=name, metavar="VALUE", help=help_text)
+
+
+def settings_from(flags: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Flags win over ``SESSION_PROXY_*`` variables; unset ones keep their defaults."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        flag_value = getattr(flags, name, None)
+        if flag_value is not None:
+            values[name] = flag_value
+        elif env_name(name) in environ:
+            values[name] = environ[env_name(name)]
+    return Settings.model_validate(values)
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if problem["loc"]:
+            name = str(problem["loc"][0])
+            given = problem.get("input")
+            lines.append(f"invalid setting {flag_name(name)} / {env_name(name)} (got {given!r}): {message}")
+        else:
+            lines.append(f"invalid settings: {message}")
+    return "\n".join(lines)
+
+
+def _serve(flags: argparse.Namespace) -> int:
+    from . import logs
+    from .app import BackendUnavailable
+    from .server import ProxyServer
+
+    try:
+        settings = settings_from(flags, dict(os.environ))
+    except ValidationError as error:
+        print(f"session-proxy: {describe_settings_error(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        server = ProxyServer(settings)
+    except BackendUnavailable as error:
+        print(f"session-proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        asyncio.run(server.run())
+    except OSError as error:
+        print(f"session-proxy: cannot listen: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"session-proxy exec: -e expects NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def _exec(flags: argparse.Namespace) -> int:
+    from .exec_command import run_exec_command
+
+    command = list(flags.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print(
+            "session-proxy exec: no command given (usage: exec [options] -- CMD ARGS...)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    stdin = sys.stdin.buffer.read() if flags.interactive else None
+    return asyncio.run(
+        run_exec_command(
+            command,
+            url=flags.url,
+            workdir=flags.workdir,
+            env=_parse_env(flags.env),
+            stdin=stdin,
+            timeout=flags.timeout,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-proxy", description="Exec sidecar for AI agents on Kubernetes."
+    )
+    parser.add_argument("--version", action="version", version=f"session-proxy {__version__}")
+    commands = parser.add_subparsers(dest="subcommand", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    _add_setting_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    execute = commands.add_parser(
+        "exec", help="run a command through a proxy", usage="%(prog)s [options] -- CMD ARGS..."
+    )
+    execute.add_argument("--url", help="proxy URL or unix:/path (env SESSION_PROXY_URL)")
+    execute.add_argument("--workdir", help="absolute working directory")
+    execute.add_argument("--timeout", type=float, help="seconds")
+    execute.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    execute.add_argument(
+        "-i", "--interactive", action="store_true", help="send this process's stdin to the command"
+    )
+    execute.add_argument("command", nargs=argparse.REMAINDER)
+    execute.set_defaults(run=_exec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags = build_parser().parse_args(argv)
+    result: int = flags.run(flags)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

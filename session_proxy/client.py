@@ -1,0 +1,134 @@
+"""An async client for the exec API, for agents' tool layers and the CLI.
+
+    async with ExecClient() as client:
+        async for event in client.exec(["npm", "test"], workdir="/workspace/repo"):
+            ...  # StartEvent, WaitingEvent, OutputEvent, then one ExitEvent
+
+Errors: ``ProxyUnreachable`` (cannot connect), ``ProxyRefused`` (a 4xx/5xx error body),
+``ProxyProtocolError`` (the stream ended without an ``exit`` event), all ``ProxyClientError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from .models import EVENT_ADAPTER, ExitEvent, OutputEvent, StartEvent, WaitingEvent
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+URL_VARIABLE = "SESSION_PROXY_URL"
+ExecEvent = StartEvent | WaitingEvent | OutputEvent | ExitEvent
+
+
+class ProxyClientError(Exception):
+    pass
+
+
+class ProxyUnreachable(ProxyClientError):
+    pass
+
+
+class ProxyProtocolError(ProxyClientError):
+    pass
+
+
+class ProxyRefused(ProxyClientError):
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+def default_url() -> str:
+    return os.environ.get(URL_VARIABLE) or DEFAULT_URL
+
+
+class ExecClient:
+    def __init__(self, url: str | None = None) -> None:
+        url = url or default_url()
+        connector: aiohttp.BaseConnector | None = None
+        if url.startswith("unix:"):
+            connector = aiohttp.UnixConnector(path=url.removeprefix("unix:"))
+            url = "http://localhost"
+        self._base = url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+        )
+
+    async def __aenter__(self) -> ExecClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def exec(
+        self,
+        command: list[str],
+        *,
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ExecEvent]:
+        """Run ``command`` and yield its events as they arrive; the last one is an ``ExitEvent``."""
+        body: dict[str, Any] = {"command": command}
+        if workdir is not None:
+            body["workdir"] = workdir
+        if env:
+            body["env"] = env
+        if isinstance(stdin, str):
+            body["stdin"] = stdin
+        elif stdin is not None:
+            body["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+        if timeout is not None:
+            body["timeout"] = timeout
+        try:
+            async with self._session.post(f"{self._base}/exec", json=body) as response:
+                if response.status != 200:
+                    raise await _refusal(response)
+                async for event in _events(response):
+                    yield event
+        except aiohttp.ClientConnectorError as error:
+            raise ProxyUnreachable(f"cannot reach session-proxy at {self._base}: {error}") from error
+        except aiohttp.ClientPayloadError as error:
+            raise ProxyProtocolError(f"the event stream broke off: {error}") from error
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> ProxyRefused:
+    try:
+        detail = (await response.json())["error"]
+        return ProxyRefused(response.status, detail["code"], detail["message"], detail.get("retry_after"))
+    except (aiohttp.ContentTypeError, json.JSONDecodeError, KeyError, TypeError):
+        text = (await response.text())[:200]
+        return ProxyRefused(response.status, "unexpected_response", text, None)
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[ExecEvent]:
+    # Split lines ourselves: an event line may exceed aiohttp's readline limit.
+    buffer = b""
+    ended = False
+    async for data in response.content.iter_any():
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            event: ExecEvent = EVENT_ADAPTER.validate_json(line)
+            ended = isinstance(event, ExitEvent)
+            yield event
+    if not ended:
+        raise ProxyProtocolError("the event stream ended without an exit event")

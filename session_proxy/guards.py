@@ -1,0 +1,122 @@
+"""Middleware that keeps the exec API for local, non-browser clients, and speaks errors as JSON.
+
+Binding to loopback is not enough (see the README's security model): a browser in the pod can
+be aimed at localhost by DNS rebinding or a cross-site request. So the raw ``Host`` header must
+name loopback with this listener's port, and anything that looks like a browser is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from .errors import (
+    BodyTooLarge,
+    GuardRefused,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+)
+from .keys import METRICS
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+SECURITY_HEADERS: Final = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def error_response(error: ProxyError) -> web.Response:
+    return web.json_response(
+        {"error": error.detail()},
+        status=error.status,
+        headers={**SECURITY_HEADERS, **error.headers()},
+    )
+
+
+def _from_http_exception(exception: web.HTTPException) -> ProxyError:
+    if exception.status == 404:
+        return NotFound("no such endpoint; see GET /openapi.json for the API")
+    if exception.status == 405:
+        return MethodNotAllowed(f"method not allowed here: {exception.text or ''}".strip())
+    if exception.status == 413:
+        return BodyTooLarge("request body is larger than the configured --max-body-bytes")
+    error = ProxyError(exception.reason, code="http_error")
+    error.status = exception.status  # type: ignore[misc]
+    return error
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every refusal into one JSON error body, and count it."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exception:
+        error = _from_http_exception(exception)
+    except ProxyError as proxy_error:
+        error = proxy_error
+    if error.status < 500:
+        request.app[METRICS].rejections.labels(reason=error.code).inc()
+    log.info(
+        "request refused",
+        extra={"status": error.status, "code": error.code, "path": request.path},
+    )
+    return error_response(error)
+
+
+def allowed_hosts(sockname: object) -> frozenset[str] | None:
+    """The exact Host values this connection accepts; None for a unix socket (no Host check)."""
+    if not isinstance(sockname, tuple):
+        return None
+    bound, port = str(sockname[0]), int(sockname[1])
+    names = set(LOOPBACK_HOSTS)
+    try:
+        address = ipaddress.ip_address(bound)
+    except ValueError:
+        pass
+    else:
+        if not address.is_unspecified:
+            names.add(f"[{bound}]" if address.version == 6 else bound)
+    return frozenset(f"{name}:{port}" for name in names)
+
+
+def _check_host(request: web.Request) -> None:
+    transport = request.transport
+    accepted = allowed_hosts(transport.get_extra_info("sockname") if transport else None)
+    if accepted is None:
+        return
+    # Never request.host: it falls back to the socket address when Host is absent.
+    values = request.headers.getall("Host", [])
+    if len(values) != 1:
+        raise GuardRefused("exactly one Host header is required (e.g. Host: 127.0.0.1:8081)", code="bad_host")
+    if values[0].lower() not in accepted:
+        raise GuardRefused(
+            f"Host {values[0][:100]!r} is not this loopback listener; use one of "
+            f"{', '.join(sorted(accepted))} (other names are refused to stop DNS rebinding)",
+            code="bad_host",
+        )
+
+
+def _check_not_browser(request: web.Request) -> None:
+    if "Origin" in request.headers:
+        raise GuardRefused(
+            "requests with an Origin header (from a web page) are refused; use curl, the "
+            "session-proxy CLI or an HTTP client library",
+            code="browser_request",
+        )
+    if any(name.lower().startswith("sec-fetch-") for name in request.headers):
+        raise GuardRefused(
+            "requests with Sec-Fetch-* headers (from a browser) are refused",
+            code="browser_request",
+        )
+
+
+@web.middleware
+async def local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse DNS-rebound and browser-originated requests before any handler runs."""
+    _check_host(request)
+    _check_not_browser(request)
+    return await handler(request)

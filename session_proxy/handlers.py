@@ -1,0 +1,152 @@
+"""HTTP handlers: thin, they check the request and hand over to ``ExecSession``."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from . import __version__
+from .backends.base import ExecSpec
+from .errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    MalformedRequest,
+    NotReady,
+    UnsupportedMediaType,
+)
+from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
+from .models import ExecRequest
+from .openapi import openapi_document
+from .settings import Settings
+from .streaming import ExecSession
+
+
+def _check_content(request: web.Request) -> None:
+    if request.headers.get("Content-Encoding"):
+        raise UnsupportedMediaType(
+            "Content-Encoding is not accepted; send the JSON body uncompressed",
+            code="content_encoding",
+        )
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {request.content_type!r}",
+        )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit} "
+            "(--max-body-bytes); send large input some other way"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
+
+
+def _field_name(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(body)"
+
+
+def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
+    """Validate a body; 400 if it is not JSON, 422 naming each invalid field otherwise."""
+    try:
+        return ExecRequest.model_validate_json(body, context={"max_timeout": settings.max_timeout})
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        if any(problem["type"] == "json_invalid" for problem in problems):
+            raise MalformedRequest(f"body is not valid JSON: {problems[0]['msg']}") from None
+        fields = [
+            {
+                "field": _field_name(problem["loc"]),
+                "reason": str(problem["msg"]).removeprefix("Value error, "),
+            }
+            for problem in problems
+        ]
+        summary = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
+        raise InvalidRequest(f"invalid request: {summary}", fields) from None
+
+
+async def post_exec(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    supervisor = app[SUPERVISOR]
+    if supervisor.draining:
+        raise NotReady("the proxy is shutting down", retry_after=5, code="shutting_down")
+    _check_content(request)
+    exec_request = parse_exec_request(await _read_body(request, settings.max_body_bytes), settings)
+    slot = await app[ADMISSION].admit()
+    try:
+        spec = ExecSpec(
+            exec_id=secrets.token_hex(8),
+            argv=exec_request.command,
+            workdir=exec_request.workdir,
+            env=exec_request.env,
+            stdin=exec_request.stdin_bytes(),
+            timeout=exec_request.timeout or settings.default_timeout,
+        )
+        session = ExecSession(
+            request,
+            spec,
+            backend=app[BACKEND],
+            settings=settings,
+            metrics=app[METRICS],
+            supervisor=supervisor,
+        )
+        return await session.run()
+    finally:
+        slot.release()
+
+
+async def status_document(app: web.Application) -> dict[str, Any]:
+    info = await app[BACKEND].info()
+    settings = app[SETTINGS]
+    return {
+        "version": __version__,
+        "backend": info.name,
+        "ready": info.ready,
+        "in_flight": app[SUPERVISOR].running,
+        "max_concurrent": settings.max_concurrent,
+        "draining": app[SUPERVISOR].draining,
+        "target": info.target,
+    }
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(await status_document(request.app))
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# Ops listener: reachable from the pod network, so nothing here runs commands or shows data.
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    exec_app = request.app[EXEC_APP]
+    info = await exec_app[BACKEND].info()
+    metrics = exec_app[METRICS]
+    metrics.workspace_ready.set(1 if info.ready else 0)
+    return web.Response(
+        body=metrics.exposition(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    exec_app = request.app[EXEC_APP]
+    if exec_app[SUPERVISOR].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    info = await exec_app[BACKEND].info()
+    if not info.ready:
+        return web.json_response({"status": "not_ready"}, status=503)
+    return web.json_response({"status": "ready"})

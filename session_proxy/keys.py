@@ -1,0 +1,18 @@
+"""Typed keys for what the aiohttp applications share (no module-level state)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .backends.base import ExecBackend
+from .limits import Admission
+from .metrics import Metrics
+from .settings import Settings
+from .supervisor import Supervisor
+
+SETTINGS = web.AppKey("settings", Settings)
+BACKEND = web.AppKey("backend", ExecBackend)
+METRICS = web.AppKey("metrics", Metrics)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+ADMISSION = web.AppKey("admission", Admission)
+EXEC_APP = web.AppKey("exec_app", web.Application)

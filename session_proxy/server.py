@@ -1,0 +1,129 @@
+"""Listeners, signals and graceful shutdown around the two applications.
+
+First SIGTERM/SIGINT: stop accepting, let running execs finish for ``--shutdown-grace`` seconds,
+end the rest (their clients get ``reason: shutdown``), exit 0. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import create_app, create_ops_app
+from .backends.base import ExecBackend
+from .keys import SUPERVISOR
+from .settings import Settings, TcpAddress, UnixAddress
+
+log = logging.getLogger(__name__)
+
+# Parser limits well under aiohttp's defaults: no legitimate client sends big headers here.
+SERVER_OPTIONS = {
+    "handler_cancellation": True,  # a client that hangs up cancels its exec at once
+    "max_line_size": 8190,
+    "max_field_size": 8190,
+    "max_headers": 64,
+    "keepalive_timeout": 30,
+    "auto_decompress": False,
+    "access_log": None,
+}
+
+
+class ProxyServer:
+    def __init__(self, settings: Settings, *, backend: ExecBackend | None = None) -> None:
+        self.settings = settings
+        self.exec_app = create_app(settings, backend=backend)
+        self._runners: list[web.AppRunner] = []
+        self._exec_runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.exec_url = ""
+        self.ops_url: str | None = None
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.exec_app, **SERVER_OPTIONS)  # type: ignore[arg-type]
+        await runner.setup()
+        self._runners.append(runner)
+        self._exec_runner = runner
+        await self._bind_exec(runner)
+        ops = self.settings.ops_address
+        if ops is not None:
+            ops_runner = web.AppRunner(create_ops_app(self.exec_app), **SERVER_OPTIONS)  # type: ignore[arg-type]
+            await ops_runner.setup()
+            self._runners.append(ops_runner)
+            site = web.TCPSite(ops_runner, ops.host, ops.port)
+            await site.start()
+            self.ops_url = _url(ops_runner.addresses[-1])
+        log.info(
+            "listening",
+            extra={
+                "exec_url": self.exec_url,
+                "ops_url": self.ops_url,
+                "backend": self.settings.backend,
+            },
+        )
+
+    async def _bind_exec(self, runner: web.AppRunner) -> None:
+        address = self.settings.listen_address
+        if isinstance(address, UnixAddress):
+            _remove_stale_socket(Path(address.path))
+            await web.UnixSite(runner, address.path).start()
+            os.chmod(address.path, self.settings.unix_socket_mode)
+            self.exec_url = f"unix:{address.path}"
+            return
+        assert isinstance(address, TcpAddress)
+        await web.TCPSite(runner, address.host, address.port).start()
+        self.exec_url = _url(runner.addresses[-1])
+
+    def request_stop(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("stopping: draining running execs")
+            self._stop.set()
+        else:
+            log.info("second signal: ending running execs now")
+            self.exec_app[SUPERVISOR].force()
+
+    async def stop(self) -> None:
+        """Stop accepting execs, drain, then close everything (probes answer until the end)."""
+        if self._exec_runner is not None:
+            for site in list(self._exec_runner.sites):
+                await site.stop()
+        await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+
+def _url(address: object) -> str:
+    assert isinstance(address, tuple)
+    host, port = str(address[0]), int(address[1])
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket file left by a previous run would make the bind fail; anything else is kept."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()

@@ -1,0 +1,193 @@
+"""The proxy's configuration: one frozen, validated object built from flags and environment.
+
+Every field is a public setting: flag ``--some-name`` and variable ``SESSION_PROXY_SOME_NAME``
+(the flag wins). The names are part of the interface manifests depend on, so renaming one is a
+breaking change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 1024 * 1024
+ENV_PREFIX = "SESSION_PROXY_"
+DEFAULT_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 (a path)
+DEFAULT_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+
+ListenAddress = TcpAddress | UnixAddress
+
+
+def parse_listen_address(value: str) -> ListenAddress:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``unix:/absolute/path``."""
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError("a unix socket path must be absolute, e.g. unix:/run/proxy/exec.sock")
+        return UnixAddress(path)
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:8081) or unix:/path")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+    if host not in LOOPBACK_NAMES:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address or 'localhost', got {host!r}") from None
+    return TcpAddress(host, int(port_text))
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+class Settings(BaseModel):
+    """All settings; see the README's configuration table for the user-facing description."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Listeners
+    listen: str = Field("127.0.0.1:8081", description="exec API address HOST:PORT or unix:/path")
+    ops_listen: str = Field("0.0.0.0:9464", description="ops address (metrics, probes); empty disables")
+    unsafe_listen_any_address: bool = Field(
+        False, description="allow a non-loopback exec API address (exposes command execution)"
+    )
+    unix_socket_mode: int = Field(0o660, ge=0, le=0o777, description="permissions of a unix socket")
+
+    # Backend
+    backend: Literal["kubernetes", "local"] = Field(
+        default_factory=lambda: "kubernetes" if _in_cluster() else "local",
+        description="where commands run",
+    )
+    local_root: Path = Field(default_factory=Path.cwd, description="local backend working dir")
+    kubeconfig: str | None = Field(
+        default_factory=lambda: os.environ.get("KUBECONFIG") or None,
+        description="kubeconfig file instead of in-cluster config",
+    )
+    token_file: str = Field(DEFAULT_TOKEN_FILE, description="service-account token file")
+    ca_file: str = Field(DEFAULT_CA_FILE, description="API server CA bundle")
+    namespace: str | None = Field(
+        default_factory=lambda: os.environ.get("POD_NAMESPACE") or None,
+        description="namespace of the workspace pod (downward API POD_NAMESPACE)",
+    )
+    session_name: str | None = Field(
+        default_factory=lambda: os.environ.get("SESSION_NAME") or None,
+        description="session name (downward API SESSION_NAME)",
+    )
+    workspace_selector: str | None = Field(
+        None,
+        description="label selector of the workspace pod; default session=$SESSION_NAME,type=workspace",
+    )
+    workspace_container: str = Field("workspace", min_length=1, description="container to exec into")
+
+    # Limits
+    max_concurrent: int = Field(10, ge=1, le=10_000, description="execs running at once")
+    default_timeout: float = Field(300, gt=0, description="seconds, when a request names none")
+    max_timeout: float = Field(1800, gt=0, description="largest timeout a request may ask for")
+    idle_timeout: float = Field(0, ge=0, description="seconds without output; 0 disables")
+    max_output_bytes: int = Field(16 * MiB, ge=1, description="per exec, stdout+stderr")
+    max_body_bytes: int = Field(1 * MiB, ge=1024, description="largest /exec request body")
+    rate_limit: float = Field(20, ge=0, description="requests per second; 0 disables")
+    rate_burst: int = Field(40, ge=1, description="requests allowed at once before the rate applies")
+    rate_limit_wait: float = Field(
+        0.5, ge=0, description="seconds a request over the rate may wait for capacity before 429"
+    )
+    kill_grace: float = Field(5, ge=0, description="seconds between TERM and KILL")
+    shutdown_grace: float = Field(20, ge=0, description="seconds running execs may finish on SIGTERM")
+
+    # Logs
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_parseable(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @field_validator("ops_listen")
+    @classmethod
+    def _ops_listen_is_tcp(cls, value: str) -> str:
+        if value and not isinstance(parse_listen_address(value), TcpAddress):
+            raise ValueError("the ops listener must be HOST:PORT (probes and scrapes use the pod IP)")
+        return value
+
+    @field_validator("local_root")
+    @classmethod
+    def _local_root_is_directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"not a directory: {value}")
+        return value.resolve()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        address = self.listen_address
+        if isinstance(address, TcpAddress) and not address.is_loopback and not self.unsafe_listen_any_address:
+            raise ValueError(
+                f"listen: {self.listen} is not a loopback address; the exec API runs commands, so "
+                "bind 127.0.0.1, [::1], localhost or unix:/path, or pass "
+                "--unsafe-listen-any-address if you really mean it"
+            )
+        if self.default_timeout > self.max_timeout:
+            raise ValueError(
+                f"default_timeout: {self.default_timeout} exceeds max_timeout {self.max_timeout}"
+            )
+        return self
+
+    @property
+    def listen_address(self) -> ListenAddress:
+        return parse_listen_address(self.listen)
+
+    @property
+    def ops_address(self) -> TcpAddress | None:
+        if not self.ops_listen:
+            return None
+        address = parse_listen_address(self.ops_listen)
+        assert isinstance(address, TcpAddress)
+        return address
+
+    @property
+    def effective_workspace_selector(self) -> str | None:
+        if self.workspace_selector:
+            return self.workspace_selector
+        if self.session_name:
+            return f"session={self.session_name},type=workspace"
+        return None
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
