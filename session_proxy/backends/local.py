@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+from collections import deque
 from pathlib import Path
 from typing import Final
 
@@ -16,24 +18,17 @@ from ..models import Guarantees
 from .base import BackendInfo, ExecSpec, ExitStatus, OutputChunk, StreamName, WaitingCallback
 from .process_group import terminate_group
 
-READ_SIZE: Final = 64 * 1024
-QUEUE_DEPTH: Final = 4
+# Output waiting for the client is capped: past HIGH_WATER the pipes are no longer read, so the
+# command blocks in write() until the client catches up (backpressure, bounded memory).
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # After the command exits, output still in the pipes is forwarded; a leftover child that keeps
 # the pipes open must not hold the request, so draining stops after a short quiet spell.
 DRAIN_QUIET: Final = 0.05
 DRAIN_LIMIT: Final = 0.5
 ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True)
-
-
-class _Marker:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-_EOF: Final = _Marker("eof")
-_EXITED: Final = _Marker("exited")
-QueueItem = OutputChunk | _Marker
+STREAMS: Final[dict[int, StreamName]] = {1: "stdout", 2: "stderr"}
 
 
 def status_from_returncode(returncode: int) -> ExitStatus:
@@ -42,93 +37,125 @@ def status_from_returncode(returncode: int) -> ExitStatus:
     return ExitStatus(exit_code=returncode)
 
 
+class CommandProtocol(asyncio.SubprocessProtocol):
+    """Collects output with flow control and learns of the exit apart from pipe EOF.
+
+    asyncio's ``Process.wait()`` returns only once the pipes have closed, which a background
+    child holding them (``server &``) can put off for ever; ``process_exited`` cannot.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.exited = False
+        self.chunks: deque[OutputChunk] = deque()
+        self.open_streams = set(STREAMS)
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        assert isinstance(data, bytes)
+        self.chunks.append(OutputChunk(STREAMS[fd], data))
+        self._buffered += len(data)
+        if self._buffered >= HIGH_WATER and not self._paused:
+            self._set_reading(False)
+        self._wake()
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.open_streams.discard(fd)
+        self._wake()
+
+    def process_exited(self) -> None:
+        self.exited = True
+        self._wake()
+
+    def take(self) -> OutputChunk:
+        chunk = self.chunks.popleft()
+        self._buffered -= len(chunk.data)
+        if self._paused and self._buffered <= LOW_WATER:
+            self._set_reading(True)
+        return chunk
+
+    async def changed(self) -> None:
+        """Wait until output, EOF or the exit arrives."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _set_reading(self, reading: bool) -> None:
+        assert self.transport is not None
+        self._paused = not reading
+        for fd in self.open_streams:
+            pipe = self.transport.get_pipe_transport(fd)
+            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
+                pipe.resume_reading() if reading else pipe.pause_reading()
+
+
 class LocalExecution:
     """A running local command; see ``Execution`` for the contract."""
 
     guarantees = ALL_GUARANTEES
 
-    def __init__(self, process: asyncio.subprocess.Process, target: str, stdin: bytes | None):
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: CommandProtocol, target: str):
         self.target = target
-        self._process = process
-        self._queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=QUEUE_DEPTH)
-        self._open_streams = 2
-        self._drain_deadline: float | None = None
-        assert process.stdout is not None
-        assert process.stderr is not None
-        self._tasks = [
-            asyncio.create_task(self._pump(process.stdout, "stdout"), name="local-stdout"),
-            asyncio.create_task(self._pump(process.stderr, "stderr"), name="local-stderr"),
-            asyncio.create_task(self._watch_exit(), name="local-exit"),
-        ]
-        if stdin is not None:
-            self._tasks.append(asyncio.create_task(self._feed(stdin), name="local-stdin"))
-
-    async def _pump(self, reader: asyncio.StreamReader, stream: StreamName) -> None:
-        while chunk := await reader.read(READ_SIZE):
-            await self._queue.put(OutputChunk(stream, chunk))
-        await self._queue.put(_EOF)
-
-    async def _watch_exit(self) -> None:
-        await self._process.wait()
-        await self._queue.put(_EXITED)
-
-    async def _feed(self, data: bytes) -> None:
-        stdin = self._process.stdin
-        assert stdin is not None
-        try:
-            stdin.write(data)
-            await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the command exited or closed stdin without reading it all: its choice
-        finally:
-            stdin.close()
+        self._transport = transport
+        self._protocol = protocol
+        self._pid = transport.get_pid()
 
     async def next_chunk(self) -> OutputChunk | None:
+        protocol = self._protocol
         loop = asyncio.get_running_loop()
-        while self._open_streams:
-            if self._drain_deadline is None:
-                item = await self._queue.get()
-            else:
-                wait = min(DRAIN_QUIET, self._drain_deadline - loop.time())
-                if wait <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(wait):
-                        item = await self._queue.get()
-                except TimeoutError:
-                    break
-            if item is _EOF:
-                self._open_streams -= 1
-            elif item is _EXITED:
-                self._drain_deadline = loop.time() + DRAIN_LIMIT
-            else:
-                assert isinstance(item, OutputChunk)
-                return item
-        await self._process.wait()  # the pipes may close before the command exits
+        drain_deadline: float | None = None
+        while not protocol.chunks and protocol.open_streams:
+            if not protocol.exited:
+                await protocol.changed()
+                continue
+            drain_deadline = drain_deadline or loop.time() + DRAIN_LIMIT
+            wait = min(DRAIN_QUIET, drain_deadline - loop.time())
+            if wait <= 0:
+                break
+            try:
+                async with asyncio.timeout(wait):
+                    await protocol.changed()
+            except TimeoutError:
+                break
+        if protocol.chunks:
+            return protocol.take()
+        await self._exited()  # the pipes may close before the command exits
         return None
 
+    async def _exited(self) -> int:
+        while not self._protocol.exited:
+            await self._protocol.changed()
+        returncode = self._transport.get_returncode()
+        assert returncode is not None
+        return returncode
+
     def exit_status(self) -> ExitStatus:
-        returncode = self._process.returncode
+        returncode = self._transport.get_returncode()
         assert returncode is not None, "exit_status() before the command ended"
         return status_from_returncode(returncode)
 
     async def terminate(self, grace: float) -> ExitStatus | None:
-        was_running = self._process.returncode is None
-        await terminate_group(self._process.pid, grace, leader_exited=self._process.wait)
-        if was_running:
-            return status_from_returncode(await self._process.wait())
+        was_running = not self._protocol.exited
+        await terminate_group(self._pid, grace, leader_exited=self._exited)
+        if was_running and self._protocol.exited:
+            return self.exit_status()
         return None
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._process.returncode is None:  # only if terminate() was never reached
-            await terminate_group(self._process.pid, 0, leader_exited=self._process.wait)
-        transport = getattr(self._process, "_transport", None)
-        if transport is not None:
-            # Closes our ends of the pipes even if an escaped child still holds theirs.
-            transport.close()
+        # Closes our ends of the pipes even if an escaped child still holds theirs.
+        self._transport.close()
 
 
 class FailedExecution:
@@ -169,6 +196,18 @@ def _spawn_failure(error: OSError, spec: ExecSpec, cwd: str) -> ExitStatus:
     )
 
 
+def _feed_stdin(transport: asyncio.SubprocessTransport, data: bytes) -> None:
+    """Queue the whole input and close the pipe after it (EOF), without blocking anyone.
+
+    The input is bounded by the request body limit. A command that exits without reading it
+    just breaks the pipe, which the pipe transport absorbs quietly.
+    """
+    stdin = transport.get_pipe_transport(0)
+    assert isinstance(stdin, asyncio.WriteTransport)
+    stdin.write(data)
+    stdin.write_eof()
+
+
 class LocalBackend:
     """Runs commands on this machine, in ``root`` unless a request names a workdir."""
 
@@ -184,21 +223,23 @@ class LocalBackend:
 
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> LocalExecution | FailedExecution:
         cwd = spec.workdir or str(self._root)
+        loop = asyncio.get_running_loop()
         try:
-            process = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                CommandProtocol,
                 *spec.argv,
-                stdin=asyncio.subprocess.PIPE if spec.stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 cwd=cwd,
                 env=self.environment(spec.env),
                 start_new_session=True,
-                limit=READ_SIZE,
-                restore_signals=True,
             )
         except OSError as error:
             return FailedExecution(self._target, _spawn_failure(error, spec, cwd))
-        return LocalExecution(process, self._target, spec.stdin)
+        if spec.stdin is not None:
+            _feed_stdin(transport, spec.stdin)
+        return LocalExecution(transport, protocol, self._target)
 
     async def info(self) -> BackendInfo:
         return BackendInfo(name=self.name, ready=True, target={"root": str(self._root), "pid": os.getpid()})

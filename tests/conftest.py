@@ -1,0 +1,201 @@
+"""Fixtures: a real proxy on loopback (in-process or as a subprocess) and helpers to talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from session_proxy.server import ProxyServer
+from session_proxy.settings import Settings
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    url: str
+    ops_url: str | None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start real proxies on loopback port 0; each is stopped (drained) at teardown."""
+    started: list[ProxyServer] = []
+
+    async def start(**overrides: Any) -> RunningProxy:
+        values: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "ops_listen": "127.0.0.1:0",
+            "local_root": tmp_path,
+            "kill_grace": 1,
+            "shutdown_grace": 1,
+            "rate_limit": 0,
+            "backend": "local",
+        }
+        values.update(overrides)
+        server = ProxyServer(Settings.model_validate(values))
+        await server.start()
+        started.append(server)
+        return RunningProxy(server, server.exec_url, server.ops_url)
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> RunningProxy:
+    return await make_proxy()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def exec_events(
+    http: aiohttp.ClientSession, proxy: RunningProxy, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """POST /exec and return all events; fails the test on a non-200 answer."""
+    async with http.post(f"{proxy.url}/exec", json=body) as response:
+        text = await response.text()
+        assert response.status == 200, text
+        assert response.headers["Content-Type"] == "application/x-ndjson"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def output_of(events: list[dict[str, Any]], stream: str) -> bytes:
+    """Reassemble a stream's bytes from its events, text and base64 alike."""
+    import base64
+
+    parts = []
+    for event in events:
+        if event["type"] == stream:
+            if "data_b64" in event:
+                parts.append(base64.b64decode(event["data_b64"]))
+            else:
+                parts.append(event["data"].encode())
+    return b"".join(parts)
+
+
+def final(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The exit event, after checking it is the only one and the last."""
+    exits = [e for e in events if e["type"] == "exit"]
+    assert len(exits) == 1, events
+    assert events[-1] is exits[0]
+    return exits[0]
+
+
+@pytest.fixture
+def marker() -> str:
+    """A unique sleep length, so this test's processes can be found (and only those)."""
+    return f"300.{uuid.uuid4().int % 10**9:09d}"
+
+
+def processes_with(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(marker in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+async def survivors(marker: str, within: float = 10.0) -> list[psutil.Process]:
+    """Processes still carrying ``marker`` after polling up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
+async def wait_for_processes(marker: str, count: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while len(processes_with(marker)) < count:
+        assert time.monotonic() < deadline, f"{count} processes with {marker} never appeared"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(marker: str) -> Iterator[None]:
+    """Whatever a test does, nothing it started may outlive it."""
+    yield
+    left = processes_with(marker)
+    for process in left:
+        process.kill()
+    assert not left, f"processes left running: {[p.pid for p in left]}"
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    ops_url: str | None
+    log_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+
+
+LISTENING = re.compile(rb'"exec_url": "([^"]+)", "ops_url": (null|"[^"]+")')
+
+
+@pytest.fixture
+def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Run ``python -m session_proxy serve`` as its own process, as a user would."""
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*flags: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        log_path = tmp_path / f"proxy-{len(spawned)}.log"
+        command = [
+            sys.executable, "-m", "session_proxy", "serve",
+            "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0",
+            "--local-root", str(tmp_path), "--backend", "local", *flags,
+        ]  # fmt: skip
+        log_file = log_path.open("wb")
+        process = subprocess.Popen(
+            command, stderr=log_file, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+        )
+        log_file.close()
+        spawned.append(process)
+        deadline = time.monotonic() + 20
+        while not (match := LISTENING.search(log_path.read_bytes())):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.02)
+        ops = match.group(2).decode()
+        return ProxyProcess(
+            process, match.group(1).decode(), None if ops == "null" else ops.strip('"'), log_path
+        )
+
+    yield spawn
+    for process in spawned:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,181 @@
+"""POST /exec on the local backend: the event stream is complete, ordered, lossless and live."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+
+from .conftest import RunningProxy, exec_events, final, output_of, survivors
+
+
+async def test_events_are_start_output_exit(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """A plain command yields start, its stdout and stderr apart, then one exit with the counts."""
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", "echo out; echo err >&2; exit 0"]})
+    assert events[0]["type"] == "start"
+    assert events[0]["target"].startswith("local:")
+    assert len(events[0]["exec_id"]) == 16
+    assert output_of(events, "stdout") == b"out\n"
+    assert output_of(events, "stderr") == b"err\n"
+    exit_event = final(events)
+    assert exit_event["exit_code"] == 0
+    assert exit_event["reason"] == "exited"
+    assert exit_event["stdout_bytes"] == 4
+    assert exit_event["stderr_bytes"] == 4
+    assert exit_event["truncated"] is False
+
+
+async def test_exit_codes_pass_through(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """Exit codes 0, 1 and 42 arrive unchanged."""
+    for code in (0, 1, 42):
+        events = await exec_events(http, proxy, {"command": ["sh", "-c", f"exit {code}"]})
+        assert final(events)["exit_code"] == code
+
+
+async def test_signal_death_reports_the_signal(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """A command killed by a signal reports the signal number, not an exit code."""
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", "kill -KILL $$"]})
+    exit_event = final(events)
+    assert exit_event["exit_code"] is None
+    assert exit_event["signal"] == 9
+    assert exit_event["reason"] == "exited"
+
+
+async def test_output_arrives_while_the_command_runs(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
+) -> None:
+    """Each line reaches the client before the command goes on: it waits for our go-ahead file."""
+    gate = tmp_path / "gate"
+    script = f"for i in 1 2 3; do echo line$i; while [ ! -e {gate}$i ]; do sleep 0.01; done; done; echo end"
+    body = {"command": ["sh", "-c", script], "timeout": 30}
+    seen: list[str] = []
+    async with http.post(f"{proxy.url}/exec", json=body) as response:
+        async for raw in response.content:
+            event = json.loads(raw)
+            if event["type"] == "stdout":
+                seen.append(event["data"])
+                number = len(seen)
+                if number <= 3:
+                    assert event["data"] == f"line{number}\n"
+                    Path(f"{gate}{number}").touch()  # only now may the command continue
+            if event["type"] == "exit":
+                assert event["exit_code"] == 0
+    assert "".join(seen) == "line1\nline2\nline3\nend\n"
+
+
+async def test_utf8_split_across_writes_is_reassembled(
+    http: aiohttp.ClientSession, proxy: RunningProxy
+) -> None:
+    """A character written one byte at a time, with pauses, still arrives as text."""
+    script = r"printf '\342'; sleep 0.2; printf '\202'; sleep 0.2; printf '\254 ok\n'"
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", script]})
+    stdout_events = [e for e in events if e["type"] == "stdout"]
+    assert all("data" in e for e in stdout_events), stdout_events
+    assert "".join(e["data"] for e in stdout_events) == "€ ok\n"
+
+
+async def test_binary_output_is_lossless(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
+) -> None:
+    """Random bytes (mostly invalid UTF-8) come back byte for byte, via data_b64."""
+    payload = os.urandom(300_000)
+    (tmp_path / "blob").write_bytes(payload)
+    events = await exec_events(http, proxy, {"command": ["cat", str(tmp_path / "blob")]})
+    received = output_of(events, "stdout")
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert any("data_b64" in e for e in events)
+    assert final(events)["stdout_bytes"] == len(payload)
+
+
+async def test_output_cannot_forge_events(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """A command printing an exit event line gets it back as data; the real exit comes last."""
+    forged = json.dumps({"type": "exit", "exit_code": 0, "reason": "exited"})
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", f"printf '%s\\n' '{forged}'; exit 7"]})
+    assert output_of(events, "stdout") == forged.encode() + b"\n"
+    assert final(events)["exit_code"] == 7
+
+
+async def test_stdin_text_and_bytes_then_eof(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """stdin and stdin_b64 reach the command exactly, followed by EOF (so cat ends)."""
+    events = await exec_events(http, proxy, {"command": ["cat"], "stdin": "héllo\nworld"})
+    assert output_of(events, "stdout") == "héllo\nworld".encode()
+    raw = bytes(range(256))
+    events = await exec_events(http, proxy, {"command": ["cat"], "stdin_b64": base64.b64encode(raw).decode()})
+    assert output_of(events, "stdout") == raw
+    assert final(events)["exit_code"] == 0
+
+
+async def test_workdir_and_env_apply(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
+) -> None:
+    """workdir sets the directory; env values, with shell metacharacters, arrive literally."""
+    (tmp_path / "sub").mkdir()
+    tricky = "$(touch pwned); `id`; 'q' \"dq\"\nline2"
+    events = await exec_events(
+        http,
+        proxy,
+        {
+            "command": ["sh", "-c", 'pwd; printf "%s" "$TRICKY"'],
+            "workdir": str(tmp_path / "sub"),
+            "env": {"TRICKY": tricky},
+        },
+    )
+    assert output_of(events, "stdout") == f"{tmp_path / 'sub'}\n{tricky}".encode()
+    assert not (tmp_path / "sub" / "pwned").exists()
+
+
+async def test_proxy_environment_is_not_passed_on(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """The command sees a minimal environment, not the proxy's (which may hold secrets)."""
+    os.environ["SESSION_PROXY_TEST_SECRET"] = "do-not-leak"
+    try:
+        events = await exec_events(http, proxy, {"command": ["env"]})
+    finally:
+        del os.environ["SESSION_PROXY_TEST_SECRET"]
+    names = {line.split("=", 1)[0] for line in output_of(events, "stdout").decode().splitlines()}
+    assert "SESSION_PROXY_TEST_SECRET" not in names
+    assert names <= {"PATH", "HOME", "LANG", "PWD", "SHLVL", "_"}
+
+
+async def test_background_child_does_not_hold_the_request(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """`sleep & echo done` ends with the command's exit code at once; the sleeper is then ended."""
+    body = {"command": ["sh", "-c", f"sleep {marker} & echo done"], "timeout": 60}
+    events = await asyncio.wait_for(exec_events(http, proxy, body), timeout=10)
+    assert output_of(events, "stdout") == b"done\n"
+    exit_event = final(events)
+    assert exit_event["reason"] == "exited"
+    assert exit_event["exit_code"] == 0
+    assert exit_event["duration_ms"] < 10_000
+    assert await survivors(marker) == []
+
+
+async def test_missing_program_is_an_error_with_127(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """An unknown program ends in reason error, exit 127 (as in a shell), with a message."""
+    events = await exec_events(http, proxy, {"command": ["no-such-program-xyz"]})
+    exit_event = final(events)
+    assert exit_event["reason"] == "error"
+    assert exit_event["exit_code"] == 127
+    assert "no-such-program-xyz" in exit_event["message"]
+
+
+async def test_missing_workdir_is_an_error(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """A workdir that does not exist is reported as such, not as a missing program."""
+    events = await exec_events(http, proxy, {"command": ["true"], "workdir": "/no/such/dir"})
+    exit_event = final(events)
+    assert exit_event["reason"] == "error"
+    assert "workdir" in exit_event["message"]
+
+
+async def test_events_match_the_published_models(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """Every emitted event validates against the wire models the client and OpenAPI use."""
+    from session_proxy.models import EVENT_ADAPTER
+
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", "echo a; printf '\\377' >&2; exit 3"]})
+    for event in events:
+        EVENT_ADAPTER.validate_python(event)

@@ -1,0 +1,135 @@
+"""Every early end terminates the command and everything it started, and says why."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from session_proxy.keys import SUPERVISOR
+
+from .conftest import (
+    ProxyFactory,
+    RunningProxy,
+    exec_events,
+    final,
+    output_of,
+    survivors,
+    wait_for_processes,
+)
+
+
+def forking(marker: str, before: str = "") -> list[str]:
+    """A command with a background child and a foreground child, both long sleepers."""
+    return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
+
+
+async def test_timeout_ends_the_whole_group(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """A command past its timeout ends with reason timeout, and no process of it survives."""
+    events = await exec_events(http, proxy, {"command": forking(marker), "timeout": 0.5})
+    exit_event = final(events)
+    assert exit_event["reason"] == "timeout"
+    assert exit_event["exit_code"] is None
+    assert exit_event["signal"] == 15
+    assert await survivors(marker, within=0) == []
+
+
+async def test_idle_timeout_ends_a_silent_command(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """No output for idle_timeout seconds ends the command (reason idle_timeout); output first."""
+    proxy = await make_proxy(idle_timeout=0.5)
+    events = await exec_events(http, proxy, {"command": forking(marker, "echo started; "), "timeout": 30})
+    assert output_of(events, "stdout") == b"started\n"
+    assert final(events)["reason"] == "idle_timeout"
+    assert await survivors(marker, within=0) == []
+
+
+async def test_idle_timer_restarts_on_output(http: aiohttp.ClientSession, make_proxy: ProxyFactory) -> None:
+    """A command that keeps talking more often than the idle timeout is not ended by it."""
+    proxy = await make_proxy(idle_timeout=1)
+    script = "for i in 1 2 3 4 5 6; do echo $i; sleep 0.3; done"
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", script]})
+    assert final(events)["reason"] == "exited"
+    assert output_of(events, "stdout") == b"1\n2\n3\n4\n5\n6\n"
+
+
+async def test_output_limit_truncates_and_ends(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """Output past the cap is cut exactly at the cap, and the command group is ended."""
+    proxy = await make_proxy(max_output_bytes=100_000)
+    script = f"sleep {marker} & while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", script], "timeout": 30})
+    exit_event = final(events)
+    assert exit_event["reason"] == "output_limit"
+    assert exit_event["truncated"] is True
+    assert len(output_of(events, "stdout")) == 100_000
+    assert exit_event["stdout_bytes"] == 100_000
+    assert await survivors(marker, within=0) == []
+
+
+async def test_term_ignoring_command_is_killed_after_the_grace(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """A group that traps TERM gets KILL once the kill grace is over."""
+    proxy = await make_proxy(kill_grace=0.5)
+    command = forking(marker, "trap '' TERM; ")
+    events = await exec_events(http, proxy, {"command": command, "timeout": 0.5})
+    exit_event = final(events)
+    assert exit_event["reason"] == "timeout"
+    assert exit_event["signal"] == 9
+    assert await survivors(marker, within=0) == []
+
+
+async def test_client_disconnect_ends_the_command(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """A client that hangs up mid-exec leaves nothing running and is counted as client_gone."""
+    body = {"command": forking(marker, "echo hello; "), "timeout": 60}
+    response = await http.post(f"{proxy.url}/exec", json=body)
+    assert json.loads(await response.content.readline())["type"] == "start"
+    await wait_for_processes(marker, 2)
+    response.close()  # drop the connection without reading on
+    assert await survivors(marker) == []
+    metrics = await fetch_metrics(http, proxy)
+    assert 'session_proxy_exec_requests_total{outcome="client_gone"} 1.0' in metrics
+    assert "session_proxy_exec_in_flight 0.0" in metrics
+
+
+async def test_shutdown_ends_running_execs_with_reason_shutdown(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """Stopping the server past its grace ends each exec with an exit event, reason shutdown."""
+    proxy = await make_proxy(shutdown_grace=0.2)
+    body = {"command": forking(marker), "timeout": 60}
+    requests = [asyncio.create_task(exec_events(http, proxy, body)) for _ in range(3)]
+    await wait_for_processes(marker, 6)
+    await proxy.server.stop()
+    for events in await asyncio.gather(*requests):
+        assert final(events)["reason"] == "shutdown"
+    assert await survivors(marker, within=0) == []
+
+
+async def test_shutdown_lets_short_execs_finish(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory
+) -> None:
+    """An exec that ends within the shutdown grace completes normally."""
+    proxy = await make_proxy(shutdown_grace=10)
+    request = asyncio.create_task(
+        exec_events(http, proxy, {"command": ["sh", "-c", "sleep 0.5; echo finished"]})
+    )
+    while proxy.server.exec_app[SUPERVISOR].running == 0:
+        await asyncio.sleep(0.01)
+    await proxy.server.stop()
+    events = await request
+    assert final(events)["reason"] == "exited"
+    assert output_of(events, "stdout") == b"finished\n"
+
+
+async def fetch_metrics(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
+    async with http.get(f"{proxy.ops_url}/metrics") as response:
+        return await response.text()
