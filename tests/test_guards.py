@@ -80,7 +80,7 @@ async def test_loopback_host_names_are_accepted(proxy: RunningProxy, name: str) 
 
 @pytest.mark.parametrize(
     "header",
-    [f"Origin: http://127.0.0.1:{{port}}", "Origin: null", "Sec-Fetch-Mode: cors", "Sec-Fetch-Site: cross-site"],
+    ["Origin: http://127.0.0.1:{port}", "Origin: null", "Sec-Fetch-Mode: cors", "Sec-Fetch-Site: cross-site"],
 )  # fmt: skip
 async def test_browser_requests_are_refused(proxy: RunningProxy, header: str) -> None:
     """Any Origin (even our own) or Sec-Fetch-* header means a browser: 403, no CORS headers."""

@@ -1,0 +1,106 @@
+"""Settings: flags win over SESSION_PROXY_* variables; bad values stop start-up, named clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from session_proxy.cli import build_parser, describe_settings_error, settings_from
+from session_proxy.settings import Settings
+
+
+def parse(argv: list[str], environ: dict[str, str]) -> Settings:
+    return settings_from(build_parser().parse_args(["serve", *argv]), environ)
+
+
+def test_defaults_match_the_documented_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without flags or variables, the defaults are DESIGN's (outside a cluster: local backend)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    settings = parse([], {})
+    assert settings.listen == "127.0.0.1:8081"
+    assert settings.ops_listen == "0.0.0.0:9464"
+    assert settings.backend == "local"
+    assert settings.workspace_container == "workspace"
+    assert (settings.max_concurrent, settings.default_timeout, settings.max_timeout) == (10, 300, 1800)
+    assert settings.idle_timeout == 0
+    assert settings.max_output_bytes == 16 * 1024 * 1024
+    assert settings.max_body_bytes == 1024 * 1024
+    assert (settings.kill_grace, settings.shutdown_grace) == (5, 20)
+
+
+def test_in_cluster_default_backend_is_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBERNETES_SERVICE_HOST (set in every pod) makes kubernetes the default backend."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert parse([], {}).backend == "kubernetes"
+
+
+def test_flag_wins_over_environment() -> None:
+    """A flag overrides its SESSION_PROXY_ variable; the variable applies when no flag is given."""
+    environ = {"SESSION_PROXY_MAX_CONCURRENT": "3", "SESSION_PROXY_IDLE_TIMEOUT": "7"}
+    settings = parse(["--max-concurrent", "5"], environ)
+    assert settings.max_concurrent == 5
+    assert settings.idle_timeout == 7
+
+
+def test_selector_defaults_from_session_name() -> None:
+    """The workspace selector is derived from SESSION_NAME unless given."""
+    settings = parse(["--session-name", "s-42"], {})
+    assert settings.effective_workspace_selector == "session=s-42,type=workspace"
+    settings = parse(["--workspace-selector", "app=ws"], {"SESSION_PROXY_SESSION_NAME": "x"})
+    assert settings.effective_workspace_selector == "app=ws"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "needle"),
+    [
+        (["--max-concurrent", "lots"], {}, "--max-concurrent"),
+        ([], {"SESSION_PROXY_MAX_CONCURRENT": "0"}, "SESSION_PROXY_MAX_CONCURRENT"),
+        (["--backend", "docker"], {}, "'kubernetes' or 'local'"),
+        (["--listen", "0.0.0.0:8081"], {}, "--unsafe-listen-any-address"),
+        (["--listen", "example.com:80"], {}, "IP address or 'localhost'"),
+        (["--listen", "127.0.0.1:99999"], {}, "0 to 65535"),
+        (["--listen", "unix:relative.sock"], {}, "absolute"),
+        (["--ops-listen", "unix:/tmp/x.sock"], {}, "HOST:PORT"),
+        (["--default-timeout", "100", "--max-timeout", "10"], {}, "exceeds max_timeout"),
+        (["--local-root", "/no/such/dir"], {}, "not a directory"),
+        (["--log-format", "xml"], {}, "'json' or 'text'"),
+    ],
+)
+def test_bad_settings_are_named_with_accepted_values(
+    argv: list[str], environ: dict[str, str], needle: str
+) -> None:
+    """Each bad value yields a message naming the setting and what is accepted."""
+    with pytest.raises(ValidationError) as caught:
+        parse(argv, environ)
+    assert needle in describe_settings_error(caught.value)
+
+
+def test_non_loopback_listen_needs_the_loud_flag() -> None:
+    """0.0.0.0 is allowed only with --unsafe-listen-any-address."""
+    settings = parse(["--listen", "0.0.0.0:8081", "--unsafe-listen-any-address"], {})
+    assert settings.listen == "0.0.0.0:8081"
+
+
+def test_serve_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    """A real start-up with a bad value stops with exit 2 and a line naming flag and variable."""
+    result = subprocess.run(
+        [sys.executable, "-m", "session_proxy", "serve", "--kill-grace", "-1"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("session-proxy: invalid setting --kill-grace / SESSION_PROXY_KILL_GRACE")
+    assert "greater than or equal to 0" in result.stderr
+
+
+def test_kubernetes_backend_is_refused_until_it_exists(tmp_path: Path) -> None:
+    """Asking for the kubernetes backend fails at start-up with a clear message, never a fake."""
+    result = subprocess.run(
+        [sys.executable, "-m", "session_proxy", "serve", "--backend", "kubernetes"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "kubernetes" in result.stderr
