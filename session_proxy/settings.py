@@ -129,6 +129,17 @@ class Settings(BaseModel):
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _mode_is_octal(cls, value: object) -> object:
+        # Written like chmod takes it: "660" or "0o660" means octal.
+        if isinstance(value, str):
+            try:
+                return int(value.removeprefix("0o"), 8)
+            except ValueError:
+                raise ValueError("expected octal permissions such as 660") from None
+        return value
+
     @field_validator("listen")
     @classmethod
     def _listen_is_parseable(cls, value: str) -> str:
