@@ -199,3 +199,25 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+TOKEN = "token-a-0123456789"
+
+
+@pytest.fixture(params=["modern", "old"])
+def api_mode(request: pytest.FixtureRequest) -> str:
+    """Each Kubernetes test runs against a modern (v5+v4) and an old (v4 only) API server."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def kube(tmp_path: Path, api_mode: str) -> AsyncIterator[Any]:
+    """A Kubernetes API test server over HTTPS with one valid token."""
+    from .kube_api_server import KubeApiServer
+
+    server = KubeApiServer(tmp_path / "kube", mode=api_mode)
+    (tmp_path / "kube").mkdir()
+    server.add_token(TOKEN)
+    await server.start()
+    yield server
+    await server.stop()

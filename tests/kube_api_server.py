@@ -1,0 +1,586 @@
+"""A Kubernetes API test server that speaks the real wire protocol and runs real processes.
+
+What it serves, as a real API server does (see the protocol notes this project keeps):
+- discovery enough for kubectl (/version, /api, /apis, /api/v1), pods list (label selectors),
+  get, log, and exec over WebSocket (GET) with the channel framing, the first empty frame,
+  status JSON on channel 3 and v5's CLOSE; Status errors (401, 403, 404, 400, 500);
+- two modes: ``modern`` (v5 and v4: v5 is handled by the API server's translator, so container
+  errors come after the upgrade, on channel 3) and ``old`` (v4 only: container errors are a
+  plain-text HTTP 500 before the upgrade);
+- like a container runtime, it does not kill an exec'd process when the client goes away: it
+  closes the process's stdin and output pipes and lets it run;
+- the stream ends when the process has exited *and* its output pipes are closed, so a
+  background child holding them keeps the stream open, as in a real container.
+Each pod gets its own directory as the processes' working directory; every process it starts
+carries ``FAKE_POD_UID`` in its environment, so "deleting the pod" can kill the lot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trustme
+from aiohttp import WSMsgType, web
+
+V5 = "v5.channel.k8s.io"
+V4 = "v4.channel.k8s.io"
+READ_SIZE = 32 * 1024
+FAKE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def status_body(
+    code: int, reason: str, message: str, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    }  # fmt: skip
+    if details:
+        body["details"] = details
+    return body
+
+
+def status_response(code: int, reason: str, message: str, **details: Any) -> web.Response:
+    return web.json_response(status_body(code, reason, message, details or None), status=code)
+
+
+@dataclass
+class FakePod:
+    name: str
+    root: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    namespace: str = "default"
+    containers: list[str] = field(default_factory=lambda: ["workspace"])
+    phase: str = "Running"
+    ready: bool = True
+    container_running: bool = True
+    waiting_reason: str | None = None
+    deleting: bool = False
+    owner_references: list[dict[str, Any]] = field(default_factory=list)
+    image: str = "example.com/user/tools:1.0"
+    restarts: int = 0
+    log_lines: list[str] = field(default_factory=list)
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    shell: str | None = None  # a /bin/sh replacement (dash, busybox) for this "image"
+
+    def manifest(self) -> dict[str, Any]:
+        state: dict[str, Any]
+        if self.container_running:
+            state = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+        else:
+            state = {"waiting": {"reason": self.waiting_reason or "ContainerCreating"}}
+        metadata: dict[str, Any] = {
+            "name": self.name, "namespace": self.namespace, "uid": self.uid,
+            "labels": self.labels, "ownerReferences": self.owner_references,
+            "creationTimestamp": "2026-01-01T00:00:00Z", "resourceVersion": "1",
+        }  # fmt: skip
+        if self.deleting:
+            metadata["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+        ready = "True" if self.ready else "False"
+        return {
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": metadata,
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [{"name": c, "image": self.image} for c in self.containers],
+            },
+            "status": {
+                "phase": self.phase,
+                "conditions": [
+                    {"type": "Ready", "status": ready},
+                    {"type": "ContainersReady", "status": ready},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": c,
+                        "image": self.image,
+                        "ready": self.ready and self.container_running,
+                        "restartCount": self.restarts,
+                        "state": state,
+                    }
+                    for c in self.containers
+                ],
+            },
+        }
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    headers: dict[str, str]
+    raw_path: str
+
+
+@dataclass
+class Fault:
+    """Fault injection, matched by path substring (and method); ``times`` < 0 means for ever."""
+
+    path: str
+    status: int | None = None
+    delay: float = 0.0
+    drop_after_bytes: int | None = None
+    times: int = 1
+    method: str | None = None
+
+
+def matches_selector(labels: dict[str, str], selector: str) -> bool:
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def query_bool(query: Any, name: str) -> bool:
+    """Kubernetes' rule: missing, '0' or 'false' is false; anything else (even '') is true."""
+    if name not in query:
+        return False
+    return query.getone(name).lower() not in ("0", "false")
+
+
+class KubeApiServer:
+    def __init__(self, workdir: Path, *, mode: str = "modern", tls: bool = True) -> None:
+        assert mode in ("modern", "old")
+        self.workdir = workdir
+        self.mode = mode
+        self.tls = tls
+        self.pods: dict[tuple[str, str], FakePod] = {}
+        self.tokens: dict[str, str] = {}
+        self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) denied to everyone
+        self.requests: list[RecordedRequest] = []
+        self.faults: list[Fault] = []
+        self.on_exec: Callable[[FakePod, list[str]], None] | None = None
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._ca = trustme.CA()
+        self._exec_tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- fixtures' interface -------------------------------------------------------------
+
+    def add_pod(self, name: str, **kwargs: Any) -> FakePod:
+        root = self.workdir / "pods" / name / uuid.uuid4().hex[:8]
+        root.mkdir(parents=True)
+        pod = FakePod(name=name, root=root, **kwargs)
+        self.pods[(pod.namespace, name)] = pod
+        return pod
+
+    def delete_pod(self, name: str, namespace: str = "default") -> None:
+        """Remove the pod and kill every process it ran, as the container runtime would."""
+        pod = self.pods.pop((namespace, name))
+        kill_pod_processes(pod.uid)
+
+    def add_token(self, token: str, user: str = "system:serviceaccount:default:session-proxy") -> None:
+        self.tokens[token] = user
+
+    def exec_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/exec")]
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca.cert_pem.bytes()
+
+    def write_ca(self, path: Path) -> Path:
+        path.write_bytes(self.ca_pem)
+        return path
+
+    def write_kubeconfig(self, path: Path, token: str, namespace: str = "default") -> Path:
+        cluster: dict[str, Any] = {"server": self.url}
+        if self.tls:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
+        context = {"cluster": "test", "user": "test", "namespace": namespace}
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": cluster}],
+            "users": [{"name": "test", "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": context}],
+        }  # fmt: skip
+        path.write_text(json.dumps(config))
+        return path
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._record, self._faults, self._authenticate])
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/api", self._api)
+        app.router.add_get("/apis", self._apis)
+        app.router.add_get("/api/v1", self._api_v1)
+        app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list_pods)
+        app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
+        app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/log", self._pod_log)
+        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/exec", self._exec)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        for task in list(self._exec_tasks):
+            task.cancel()
+        await asyncio.gather(*self._exec_tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for pod in list(self.pods.values()):
+            kill_pod_processes(pod.uid)
+
+    # ---- middleware ----------------------------------------------------------------------
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(
+            RecordedRequest(
+                request.method,
+                request.path,
+                list(request.query.items()),
+                dict(request.headers),
+                request.raw_path,
+            )
+        )
+        return await handler(request)
+
+    @web.middleware
+    async def _faults(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        for fault in self.faults:
+            if fault.times == 0 or fault.path not in request.path:
+                continue
+            if fault.method and fault.method != request.method:
+                continue
+            if fault.drop_after_bytes is not None:
+                request["drop_after_bytes"] = fault.drop_after_bytes
+            if fault.times > 0:
+                fault.times -= 1
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                return status_response(fault.status, "InternalError", "injected failure")
+        return await handler(request)
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/version":
+            return await handler(request)  # public, as system:public-info-viewer
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        if token is None or token not in self.tokens:
+            return status_response(401, "Unauthorized", "Unauthorized")
+        request["user"] = self.tokens[token]
+        return await handler(request)
+
+    def _deny(
+        self, request: web.Request, verb: str, resource: str, name: str | None = None
+    ) -> web.Response | None:
+        if (verb, resource) not in self.forbidden:
+            return None
+        ns = request.match_info.get("ns", "default")
+        group, _, _sub = resource.partition("/")
+        what = f'pods "{name}"' if name else "pods"
+        message = (
+            f'{what} is forbidden: User "{request["user"]}" cannot {verb} resource "{resource}" '
+            f'in API group "" in the namespace "{ns}"'
+        )
+        return status_response(403, "Forbidden", message, name=name or "", group="", kind=group)
+
+    # ---- discovery -----------------------------------------------------------------------
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"major": "1", "minor": "32", "gitVersion": "v1.32.4", "platform": "linux/amd64"}
+        )
+
+    async def _api(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+        })  # fmt: skip
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+
+    async def _api_v1(self, request: web.Request) -> web.Response:
+        def resource(name: str, kind: str, verbs: list[str]) -> dict[str, Any]:
+            return {"name": name, "singularName": "", "namespaced": True, "kind": kind, "verbs": verbs}
+
+        return web.json_response({
+            "kind": "APIResourceList", "groupVersion": "v1",
+            "resources": [
+                resource("pods", "Pod", ["get", "list", "watch"]),
+                resource("pods/exec", "PodExecOptions", ["create", "get"]),
+                resource("pods/log", "Pod", ["get"]),
+            ],
+        })  # fmt: skip
+
+    # ---- pods ----------------------------------------------------------------------------
+
+    async def _list_pods(self, request: web.Request) -> web.Response:
+        if denied := self._deny(request, "list", "pods"):
+            return denied
+        ns = request.match_info["ns"]
+        selector = request.query.get("labelSelector", "")
+        items = [
+            pod.manifest() for (pod_ns, _), pod in sorted(self.pods.items())
+            if pod_ns == ns and matches_selector(pod.labels, selector)
+        ]  # fmt: skip
+        return web.json_response(
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+        )
+
+    def _pod_or_404(self, request: web.Request) -> FakePod | web.Response:
+        name = request.match_info["name"]
+        pod = self.pods.get((request.match_info["ns"], name))
+        if pod is None:
+            return status_response(404, "NotFound", f'pods "{name}" not found', name=name, kind="pods")
+        return pod
+
+    async def _get_pod(self, request: web.Request) -> web.Response:
+        if denied := self._deny(request, "get", "pods", request.match_info["name"]):
+            return denied
+        pod = self._pod_or_404(request)
+        return pod if isinstance(pod, web.Response) else web.json_response(pod.manifest())
+
+    async def _pod_log(self, request: web.Request) -> web.Response:
+        if denied := self._deny(request, "get", "pods/log", request.match_info["name"]):
+            return denied
+        pod = self._pod_or_404(request)
+        if isinstance(pod, web.Response):
+            return pod
+        lines = pod.log_lines
+        if "tailLines" in request.query:
+            lines = lines[-int(request.query["tailLines"]) :] if int(request.query["tailLines"]) else []
+        return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
+
+    # ---- exec ----------------------------------------------------------------------------
+
+    async def _exec(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if request.method == "POST":  # SPDY: not spoken here; WebSocket needs GET
+            return status_response(400, "BadRequest", "SPDY is not supported by this test server")
+        for verb in ("get", "create") if self.mode == "modern" else ("get",):
+            if denied := self._deny(request, verb, "pods/exec", name):
+                return denied
+        pod = self._pod_or_404(request)
+        if isinstance(pod, web.Response):
+            return pod
+        query = request.query
+        container = query.get("container")
+        if container is None:
+            if len(pod.containers) != 1:
+                return status_response(
+                    400, "BadRequest",
+                    f"a container name must be specified for pod {name}, choose one of: {pod.containers}",
+                )  # fmt: skip
+            container = pod.containers[0]
+        if container not in pod.containers:
+            return status_response(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        streams = {s: query_bool(query, s) for s in ("stdin", "stdout", "stderr")}
+        if not any(streams.values()):
+            return status_response(400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return status_response(400, "BadRequest", "Upgrade request required")
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        supported = [V5, V4] if self.mode == "modern" else [V4]
+        chosen = next((p for p in offered if p in supported), None)
+        if chosen is None:
+            return web.Response(status=403)  # the handshake rejects: empty body
+        if not pod.container_running and chosen == V4:
+            return web.Response(status=500, text=f'container not found ("{container}")')
+        ws = web.WebSocketResponse(protocols=(chosen,), max_msg_size=0)
+        await ws.prepare(request)
+        session = ExecSession(self, pod, ws, chosen, query.getall("command", []), streams, request)
+        task = asyncio.current_task()
+        assert task is not None
+        self._exec_tasks.add(task)
+        try:
+            await session.run(container)
+        finally:
+            self._exec_tasks.discard(task)
+        return ws
+
+
+def kill_pod_processes(pod_uid: str) -> None:
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("FAKE_POD_UID") == pod_uid:
+                process.kill()
+
+
+class ExecSession:
+    """One exec stream: a real process wired to WebSocket channels."""
+
+    def __init__(
+        self, server: KubeApiServer, pod: FakePod, ws: web.WebSocketResponse, protocol: str,
+        command: list[str], streams: dict[str, bool], request: web.Request,
+    ) -> None:  # fmt: skip
+        self.server = server
+        self.pod = pod
+        self.ws = ws
+        self.protocol = protocol
+        self.command = command
+        self.streams = streams
+        self.drop_after = request.get("drop_after_bytes")
+        self.sent = 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def send(self, channel: int, data: bytes) -> None:
+        if self.drop_after is not None and self.sent + len(data) > self.drop_after:
+            # Fault: the connection dies mid-output, with no status and no close frame.
+            transport = self.ws._req.transport if self.ws._req else None
+            if transport is not None:
+                transport.abort()
+            raise ConnectionResetError("injected drop")
+        self.sent += len(data)
+        await self.ws.send_bytes(bytes([channel]) + data)
+
+    async def status(self, body: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.ws.send_bytes(b"\x03" + json.dumps(body).encode())
+        await self.ws.close()
+
+    async def run(self, container: str) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.ws.send_bytes(b"\x01" if self.streams["stdout"] else b"\x02")
+        if not self.pod.container_running:  # v5 path: the translator reports after the upgrade
+            message = f'unable to upgrade connection: container not found ("{container}")'
+            await self.status(internal_error(message))
+            return
+        if self.server.on_exec is not None:
+            self.server.on_exec(self.pod, self.command)
+        argv = list(self.command)
+        if self.pod.shell and argv and argv[0] == "/bin/sh":
+            argv = [*self.pod.shell.split(), *argv[1:]]
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if self.streams["stdin"] else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if self.streams["stdout"] else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE if self.streams["stderr"] else asyncio.subprocess.DEVNULL,
+                cwd=self.pod.root,
+                env={
+                    "PATH": FAKE_PATH,
+                    "HOME": "/root",
+                    "HOSTNAME": self.pod.name,
+                    "FAKE_POD_UID": self.pod.uid,
+                },
+                start_new_session=True,
+            )
+        except OSError as error:
+            await self.status(exec_failure(self.command, error))
+            return
+        await self.pump()
+
+    async def pump(self) -> None:
+        process = self.process
+        assert process is not None
+        outputs = [
+            asyncio.create_task(self.forward(reader, channel))
+            for reader, channel in ((process.stdout, 1), (process.stderr, 2))
+            if reader is not None
+        ]
+        inputs = asyncio.create_task(self.receive())
+        try:
+            done = await asyncio.gather(*outputs, return_exceptions=True)
+            if any(isinstance(result, BaseException) for result in done) or self.ws.closed:
+                return  # client gone or stream dropped: the process is left to run, as in a runtime
+            code = await process.wait()
+            await self.status(exit_status(code, self.protocol))
+        finally:
+            for task in [*outputs, inputs]:
+                task.cancel()
+            await asyncio.gather(*outputs, inputs, return_exceptions=True)
+            self.close_pipes()
+
+    async def forward(self, reader: asyncio.StreamReader, channel: int) -> None:
+        while data := await reader.read(READ_SIZE):
+            await self.send(channel, data)
+
+    async def receive(self) -> None:
+        process = self.process
+        assert process is not None
+        async for message in self.ws:
+            if message.type != WSMsgType.BINARY or not message.data:
+                continue
+            channel, payload = message.data[0], message.data[1:]
+            if channel == 0 and process.stdin is not None and not process.stdin.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    process.stdin.write(payload)
+                    await process.stdin.drain()
+            elif channel == 255 and self.protocol == V5 and payload == b"\x00" and process.stdin:
+                process.stdin.close()
+        # The client went away: stdin EOF and the output pipes closed; the process keeps running.
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        transport = getattr(process, "_transport", None)
+        if transport is not None:
+            for fd in (1, 2):
+                pipe = transport.get_pipe_transport(fd)
+                if pipe is not None:
+                    pipe.close()
+
+
+def internal_error(message: str) -> dict[str, Any]:
+    return {
+        "metadata": {}, "status": "Failure", "message": f"Internal error occurred: {message}",
+        "reason": "InternalError", "details": {"causes": [{"message": message}]}, "code": 500,
+    }  # fmt: skip
+
+
+def exec_failure(command: list[str], error: OSError) -> dict[str, Any]:
+    program = command[0] if command else ""
+    detail = (
+        "executable file not found in $PATH" if isinstance(error, FileNotFoundError) else "permission denied"
+    )
+    return internal_error(
+        "error executing command in container: failed to exec in container: failed to start exec "
+        f'"{uuid.uuid4().hex}": OCI runtime exec failed: exec failed: unable to start container '
+        f'process: exec: "{program}": {detail}: unknown'
+    )
+
+
+def exit_status(code: int, protocol: str) -> dict[str, Any]:
+    if code < 0:
+        code = 128 - code  # the runtime reports a signal death as 128+N
+    if code == 0:
+        return {"metadata": {}, "status": "Success"}
+    if protocol == V5:
+        inner = f"command terminated with exit code {code}"
+    else:
+        inner = f"error executing command [...], exit code {code}"
+    return {
+        "metadata": {}, "status": "Failure",
+        "message": f"command terminated with non-zero exit code: {inner}",
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+    }  # fmt: skip
