@@ -20,19 +20,27 @@ class BackendUnavailable(Exception):
     """The configured backend cannot be built (missing module, bad configuration)."""
 
 
-def build_backend(settings: Settings) -> ExecBackend:
+def build_backend(settings: Settings, metrics: Metrics) -> ExecBackend:
     if settings.backend == "local":
         from .backends.local import LocalBackend
 
         return LocalBackend(settings.local_root)
-    raise BackendUnavailable(
-        "backend: 'kubernetes' is not available in this version yet; use --backend local"
-    )
+    from .backends.kubernetes import KubernetesBackend
+
+    try:
+        return KubernetesBackend(settings, metrics)
+    except ValueError as error:
+        raise BackendUnavailable(str(error)) from None
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     # The rate limiter binds to the running loop, so it is made here, not at import or build.
     app[ADMISSION] = Admission(app[SETTINGS])
+    try:
+        await app[BACKEND].open()
+    except Exception as error:
+        await app[BACKEND].close()
+        raise BackendUnavailable(f"backend {app[BACKEND].name}: {error}") from error
     yield
     await app[SUPERVISOR].wait_background()
     await app[BACKEND].close()
@@ -56,14 +64,15 @@ def create_app(
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[BACKEND] = backend or build_backend(settings)
     app[METRICS] = metrics or Metrics()
+    app[BACKEND] = backend or build_backend(settings, app[METRICS])
     app[SUPERVISOR] = Supervisor()
     app[METRICS].describe_build(app[BACKEND].name)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_no_caching)
     app.router.add_post("/exec", handlers.post_exec)
     app.router.add_get("/status", handlers.get_status)
+    app.router.add_get("/logs", handlers.get_logs)
     app.router.add_get("/healthz", handlers.get_healthz)
     app.router.add_get("/openapi.json", handlers.get_openapi)
     return app

@@ -76,6 +76,9 @@ def _serve(flags: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         asyncio.run(server.run())
+    except BackendUnavailable as error:
+        print(f"session-proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as error:
         print(f"session-proxy: cannot listen: {error}", file=sys.stderr)
         return 1

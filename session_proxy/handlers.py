@@ -120,6 +120,20 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(await status_document(request.app))
 
 
+MAX_LOG_LINES = 10_000
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    text = request.query.get("tail", "100")
+    if not text.isdigit() or not 0 <= int(text) <= MAX_LOG_LINES:
+        raise InvalidRequest(
+            f"tail must be a whole number from 0 to {MAX_LOG_LINES}",
+            [{"field": "tail", "reason": f"must be 0..{MAX_LOG_LINES}"}],
+        )
+    log_text = await request.app[BACKEND].logs(int(text))
+    return web.Response(text=log_text, content_type="text/plain")
+
+
 async def get_healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 

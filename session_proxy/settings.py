@@ -109,6 +109,14 @@ class Settings(BaseModel):
         description="label selector of the workspace pod; default session=$SESSION_NAME,type=workspace",
     )
     workspace_container: str = Field("workspace", min_length=1, description="container to exec into")
+    workspace_wait: float = Field(
+        60, ge=0, description="seconds a request waits for a starting workspace pod before 503"
+    )
+    owner_kind: str | None = Field(None, description="kind the workspace pod must be owned by")
+    owner_api_group: str = Field("", description="API group of that owner ('' is the core group)")
+    owner_name: str | None = Field(None, description="name of that owner")
+    owner_uid: str | None = Field(None, description="uid of that owner (optional, stricter)")
+    api_timeout: float = Field(10, gt=0, description="seconds for one Kubernetes API call")
 
     # Limits
     max_concurrent: int = Field(10, ge=1, le=10_000, description="execs running at once")
@@ -169,6 +177,13 @@ class Settings(BaseModel):
                 "bind 127.0.0.1, [::1], localhost or unix:/path, or pass "
                 "--unsafe-listen-any-address if you really mean it"
             )
+        if self.backend == "kubernetes" and not self.effective_workspace_selector:
+            raise ValueError(
+                "workspace_selector: the kubernetes backend needs --workspace-selector, or "
+                "SESSION_NAME to derive session=<name>,type=workspace"
+            )
+        if bool(self.owner_kind) != bool(self.owner_name):
+            raise ValueError("owner_kind and owner_name: give both (or neither) to require an owner")
         if self.default_timeout > self.max_timeout:
             raise ValueError(
                 f"default_timeout: {self.default_timeout} exceeds max_timeout {self.max_timeout}"

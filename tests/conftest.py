@@ -221,3 +221,22 @@ async def kube(tmp_path: Path, api_mode: str) -> AsyncIterator[Any]:
     await server.start()
     yield server
     await server.stop()
+
+
+@dataclass
+class KubeSetup:
+    api: Any  # KubeApiServer
+    proxy: RunningProxy
+    pod: Any  # FakePod
+
+
+@pytest.fixture
+async def kube_setup(kube: Any, make_proxy: ProxyFactory, tmp_path: Path) -> KubeSetup:
+    """A workspace pod on the API test server, and a proxy on the kubernetes backend."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    proxy = await make_proxy(
+        backend="kubernetes", kubeconfig=str(config), namespace="default",
+        session_name="s1", workspace_wait=3, kill_grace=1,
+    )  # fmt: skip
+    return KubeSetup(kube, proxy, pod)

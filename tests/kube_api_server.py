@@ -36,6 +36,8 @@ V5 = "v5.channel.k8s.io"
 V4 = "v4.channel.k8s.io"
 READ_SIZE = 32 * 1024
 FAKE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER = web.RequestKey("user", str)
+DROP_AFTER = web.RequestKey("drop_after_bytes", int)
 
 
 def status_body(
@@ -274,7 +276,7 @@ class KubeApiServer:
             if fault.method and fault.method != request.method:
                 continue
             if fault.drop_after_bytes is not None:
-                request["drop_after_bytes"] = fault.drop_after_bytes
+                request[DROP_AFTER] = fault.drop_after_bytes
             if fault.times > 0:
                 fault.times -= 1
             if fault.delay:
@@ -291,7 +293,7 @@ class KubeApiServer:
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
         if token is None or token not in self.tokens:
             return status_response(401, "Unauthorized", "Unauthorized")
-        request["user"] = self.tokens[token]
+        request[USER] = self.tokens[token]
         return await handler(request)
 
     def _deny(
@@ -303,7 +305,7 @@ class KubeApiServer:
         group, _, _sub = resource.partition("/")
         what = f'pods "{name}"' if name else "pods"
         message = (
-            f'{what} is forbidden: User "{request["user"]}" cannot {verb} resource "{resource}" '
+            f'{what} is forbidden: User "{request[USER]}" cannot {verb} resource "{resource}" '
             f'in API group "" in the namespace "{ns}"'
         )
         return status_response(403, "Forbidden", message, name=name or "", group="", kind=group)
@@ -444,7 +446,7 @@ class ExecSession:
         self.protocol = protocol
         self.command = command
         self.streams = streams
-        self.drop_after = request.get("drop_after_bytes")
+        self.drop_after = request.get(DROP_AFTER)
         self.sent = 0
         self.process: asyncio.subprocess.Process | None = None
 

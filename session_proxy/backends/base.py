@@ -79,6 +79,9 @@ class Execution(Protocol):
 class ExecBackend(Protocol):
     name: str
 
+    async def open(self) -> None:
+        """Connect and load credentials at start-up; raise to stop start-up with a message."""
+
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Execution:
         """Start the command; raise a ``ProxyError`` if it cannot be started at all.
 
@@ -87,6 +90,9 @@ class ExecBackend(Protocol):
 
     async def info(self) -> BackendInfo:
         """What ``/status`` and ``/readyz`` report."""
+
+    async def logs(self, tail: int) -> str:
+        """The last ``tail`` lines of the workspace's own log."""
 
     async def close(self) -> None:
         """Release clients and connections at shutdown."""

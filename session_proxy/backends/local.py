@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Final
 
+from ..errors import NotFound
 from ..models import Guarantees
 from .base import BackendInfo, ExecSpec, ExitStatus, OutputChunk, StreamName, WaitingCallback
 from .process_group import terminate_group
@@ -240,6 +241,12 @@ class LocalBackend:
         if spec.stdin is not None:
             _feed_stdin(transport, spec.stdin)
         return LocalExecution(transport, protocol, self._target)
+
+    async def open(self) -> None:
+        return None
+
+    async def logs(self, tail: int) -> str:
+        raise NotFound("the local backend has no workspace log; /logs is for the kubernetes backend")
 
     async def info(self) -> BackendInfo:
         return BackendInfo(name=self.name, ready=True, target={"root": str(self._root), "pid": os.getpid()})

@@ -1,0 +1,198 @@
+"""Finding the session's workspace pod, and deciding whether it may be used.
+
+The caller never names a pod: the target is the one pod in our namespace that matches the
+configured selector, is Running and Ready, is not being deleted, has the target container
+running and, when an owner is configured, is owned by it. The answer is cached briefly; a
+deleted and re-created pod is found again on the next look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ...errors import GuardRefused, NotReady
+from ...settings import Settings
+from .api import KubeApi, KubeApiError
+
+CACHE_SECONDS: Final = 2.0
+POLL_SECONDS: Final = 1.0
+
+
+@dataclass(frozen=True)
+class Workspace:
+    namespace: str
+    name: str
+    uid: str
+    container: str
+    image: str
+    phase: str
+    ready: bool
+    restarts: int
+    problem: str | None  # why it cannot be used now; None when usable
+    terminating: bool = False
+    wrong_owner: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pod": self.name, "namespace": self.namespace, "container": self.container,
+            "uid": self.uid, "phase": self.phase, "ready": self.ready, "image": self.image,
+            "restarts": self.restarts, "problem": self.problem,
+        }  # fmt: skip
+
+
+def _condition(pod: dict[str, Any], kind: str) -> bool:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return bool(condition.get("status") == "True")
+    return False
+
+
+def owner_problem(pod: dict[str, Any], settings: Settings) -> str | None:
+    """None if the pod is owned as configured, else what is wrong."""
+    if not settings.owner_kind:
+        return None
+    for reference in pod["metadata"].get("ownerReferences") or []:
+        group = str(reference.get("apiVersion", "")).rpartition("/")[0]
+        if (
+            reference.get("kind") == settings.owner_kind
+            and group == settings.owner_api_group
+            and reference.get("name") == settings.owner_name
+            and (settings.owner_uid is None or reference.get("uid") == settings.owner_uid)
+        ):
+            return None
+    owner = f"{settings.owner_kind} {settings.owner_name!r}"
+    if settings.owner_api_group:
+        owner += f" (group {settings.owner_api_group})"
+    if settings.owner_uid:
+        owner += f" uid {settings.owner_uid}"
+    return f"pod {pod['metadata']['name']} is not owned by {owner}"
+
+
+def assess(pod: dict[str, Any], settings: Settings) -> Workspace:
+    metadata, status = pod["metadata"], pod.get("status", {})
+    container = settings.workspace_container
+    statuses = {s.get("name"): s for s in status.get("containerStatuses") or []}
+    container_status = statuses.get(container, {})
+    state = container_status.get("state") or {}
+    phase = status.get("phase", "Unknown")
+    ready = _condition(pod, "Ready")
+    terminating = bool(metadata.get("deletionTimestamp"))
+    images = {c.get("name"): c.get("image", "") for c in pod.get("spec", {}).get("containers") or []}
+    problem: str | None = None
+    wrong_owner = owner_problem(pod, settings)
+    if wrong_owner:
+        problem = wrong_owner
+    elif terminating:
+        problem = f"pod {metadata['name']} is terminating"
+    elif container not in images:
+        problem = f"pod {metadata['name']} has no container {container!r}"
+    elif phase != "Running":
+        reason = (state.get("waiting") or {}).get("reason")
+        problem = f"pod {metadata['name']} is {phase}" + (f" ({reason})" if reason else "")
+    elif "running" not in state:
+        reason = (state.get("waiting") or {}).get("reason", "not running")
+        problem = f"container {container} in pod {metadata['name']} is waiting: {reason}"
+    elif not ready:
+        problem = f"pod {metadata['name']} is not Ready"
+    return Workspace(
+        namespace=metadata.get("namespace", settings.namespace or "default"),
+        name=metadata["name"],
+        uid=metadata.get("uid", ""),
+        container=container,
+        image=images.get(container, ""),
+        phase=phase,
+        ready=ready,
+        restarts=int(container_status.get("restartCount", 0)),
+        problem=problem,
+        terminating=terminating,
+        wrong_owner=wrong_owner,
+    )
+
+
+class WorkspaceLocator:
+    def __init__(self, api: KubeApi, settings: Settings) -> None:
+        self._api = api
+        self._settings = settings
+        self._namespace = settings.namespace or "default"
+        selector = settings.effective_workspace_selector
+        if not selector:
+            raise ValueError("workspace_selector: set it, or SESSION_NAME to derive it")
+        self._selector = selector
+        self._cached: Workspace | None = None
+        self._cached_at = 0.0
+
+    def forget(self) -> None:
+        self._cached = None
+
+    async def candidates(self) -> list[Workspace]:
+        path = f"/api/v1/namespaces/{self._namespace}/pods"
+        document = await self._api.get_json(path, {"labelSelector": self._selector})
+        return [assess(pod, self._settings) for pod in document.get("items") or []]
+
+    async def pod_state(self, name: str) -> dict[str, Any] | None:
+        """The pod's current manifest, or None if it is gone."""
+        try:
+            return await self._api.get_json(f"/api/v1/namespaces/{self._namespace}/pods/{name}")
+        except KubeApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def find(self, on_waiting: Callable[[str], Awaitable[None]]) -> Workspace:
+        """The usable workspace; waits (reporting why) while it is starting, up to the limit."""
+        if self._cached is not None and time.monotonic() - self._cached_at < CACHE_SECONDS:
+            return self._cached
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.workspace_wait
+        last_message = ""
+        while True:
+            found = await self._choose(await self.candidates())
+            if isinstance(found, Workspace):
+                self._cached, self._cached_at = found, time.monotonic()
+                return found
+            if loop.time() >= deadline:
+                raise found
+            if found.message != last_message:
+                last_message = found.message
+                await on_waiting(found.message)
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - loop.time())))
+
+    async def _choose(self, candidates: list[Workspace]) -> Workspace | NotReady:
+        where = f"selector {self._selector!r} in namespace {self._namespace}"
+        owned = [c for c in candidates if not c.wrong_owner]
+        if candidates and not owned:
+            raise GuardRefused(
+                f"refusing to exec: {candidates[0].wrong_owner}; the proxy only execs into its "
+                "own session's workspace",
+                code="workspace_owner_mismatch",
+            )
+        live = [c for c in owned if not c.terminating]
+        usable = [c for c in live if c.usable]
+        if len(usable) == 1:
+            return usable[0]
+        if len(usable) > 1:
+            names = ", ".join(sorted(c.name for c in usable))
+            raise NotReady(
+                f"several workspace pods match {where} ({names}); exactly one must",
+                retry_after=5,
+                code="workspace_ambiguous",
+            )
+        if live:
+            return NotReady(
+                f"workspace not ready: {live[0].problem}", retry_after=2, code="workspace_not_ready"
+            )
+        if owned:
+            return NotReady(
+                f"the workspace pod is terminating ({owned[0].name}); retry once it is replaced",
+                retry_after=5,
+                code="workspace_terminating",
+            )
+        return NotReady(f"no workspace pod matches {where}", retry_after=5, code="workspace_not_found")

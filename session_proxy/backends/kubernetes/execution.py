@@ -1,0 +1,186 @@
+"""One command in the workspace: exec frames in, output chunks and an exit status out.
+
+The exit comes from the wrapper's nonce-carrying marker, not from the end of the stream (which
+a background child holding the pipes can put off for ever). A stream that ends without that
+marker is explained from what is known: the exec's own status (channel 3), whether the pod is
+still there, or else ``transport_lost``, never a made-up exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import aiohttp
+
+from ...models import Guarantees
+from ..base import ExitStatus, OutputChunk
+from .wrapper import Marker, MarkerFilter
+
+log = logging.getLogger(__name__)
+
+STDOUT, STDERR, STATUS = 1, 2, 3
+DRAIN_QUIET: Final = 0.05
+DRAIN_LIMIT: Final = 0.5
+EXIT_AFTER_KILL_TIMEOUT: Final = 5.0
+STDIN_FRAME: Final = 256 * 1024
+WORKDIR_ERROR: Final = "workdir cannot be used in the workspace (missing, or not a directory)"
+
+
+def parse_status(raw: bytes) -> ExitStatus | None:
+    """Channel-3 status: exit code only from the ExitCode cause of NonZeroExitCode."""
+    if not raw.strip():
+        return None
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return ExitStatus(None, reason="error", message=raw.decode("utf-8", "replace")[:300])
+    if status.get("status") == "Success":
+        return ExitStatus(0)
+    if status.get("reason") == "NonZeroExitCode":
+        for cause in (status.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode":
+                with contextlib.suppress(ValueError):
+                    code = int(cause.get("message", ""))
+                    if 0 <= code <= 255:
+                        return ExitStatus(code)
+    message = str(status.get("message") or "the exec failed")[:300]
+    return ExitStatus(None, reason="error", message=message)
+
+
+def explain_exec_failure(status: ExitStatus) -> ExitStatus:
+    message = status.message or ""
+    if "executable file not found" in message or "no such file or directory" in message:
+        hint = "the program was not found in the workspace image"
+        return ExitStatus(127, reason="error", message=f"{hint}: {message}")
+    return status
+
+
+class KubernetesExecution:
+    def __init__(
+        self,
+        websocket: aiohttp.ClientWebSocketResponse,
+        *,
+        target: str,
+        guarantees: Guarantees,
+        nonce: str | None,
+        kill_group: Callable[[int, float], Awaitable[None]],
+        explain_lost_stream: Callable[[ExitStatus | None], Awaitable[ExitStatus]],
+        stdin: bytes | None,
+    ) -> None:
+        self.target = target
+        self.guarantees = guarantees
+        self._ws = websocket
+        self._filter = MarkerFilter(nonce) if nonce else None
+        self._kill_group = kill_group
+        self._explain_lost_stream = explain_lost_stream
+        self._pending: deque[OutputChunk] = deque()
+        self._status_bytes = bytearray()
+        self._pgid: int | None = None
+        self._exit: ExitStatus | None = None
+        self._stream_over = False
+        self._feeder = asyncio.create_task(self._feed(stdin), name="kube-stdin") if stdin else None
+
+    async def _feed(self, data: bytes) -> None:
+        # Sent from a task: a command that does not read its stdin must not block the start.
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            for offset in range(0, len(data), STDIN_FRAME):
+                await self._ws.send_bytes(b"\x00" + data[offset : offset + STDIN_FRAME])
+
+    @property
+    def _ended(self) -> bool:
+        return self._exit is not None
+
+    async def next_chunk(self) -> OutputChunk | None:
+        loop = asyncio.get_running_loop()
+        drain_deadline: float | None = None
+        while not self._pending and not self._stream_over:
+            if self._exit is None:
+                await self._receive()
+                continue
+            # Exited: forward what is already on its way, but never wait on leftovers' output.
+            drain_deadline = drain_deadline or loop.time() + DRAIN_LIMIT
+            wait = min(DRAIN_QUIET, drain_deadline - loop.time())
+            if wait <= 0:
+                break
+            try:
+                async with asyncio.timeout(wait):
+                    await self._receive()
+            except TimeoutError:
+                break
+        if self._pending:
+            return self._pending.popleft()
+        if self._exit is None:
+            self._exit = await self._explain_lost_stream(parse_status(bytes(self._status_bytes)))
+        return None
+
+    async def _receive(self) -> None:
+        message = await self._ws.receive()
+        if message.type != aiohttp.WSMsgType.BINARY:
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
+                return
+            self._stream_over = True  # CLOSE, CLOSED, ERROR: the stream is over
+            return
+        data: bytes = message.data
+        if len(data) < 2:
+            return  # the empty first frame, or an empty write
+        channel, payload = data[0], data[1:]
+        if channel == STDOUT:
+            self._pending.append(OutputChunk("stdout", payload))
+        elif channel == STDERR:
+            self._stderr(payload)
+        elif channel == STATUS:
+            self._status_bytes += payload
+
+    def _stderr(self, payload: bytes) -> None:
+        if self._filter is None:
+            self._pending.append(OutputChunk("stderr", payload))
+            return
+        clean, markers = self._filter.feed(payload)
+        if clean:
+            self._pending.append(OutputChunk("stderr", clean))
+        for marker in markers:
+            self._on_marker(marker)
+
+    def _on_marker(self, marker: Marker) -> None:
+        if marker.kind == "pgid" and marker.value.isdigit():
+            self._pgid = int(marker.value)
+        elif marker.kind == "exit" and marker.value.isdigit():
+            self._exit = ExitStatus(int(marker.value))
+        elif marker.kind == "error":
+            message = WORKDIR_ERROR if marker.value == "workdir" else "environment could not be set"
+            self._exit = ExitStatus(None, reason="error", message=message)
+
+    def exit_status(self) -> ExitStatus:
+        assert self._exit is not None
+        return self._exit
+
+    async def terminate(self, grace: float) -> ExitStatus | None:
+        if self._exit is not None:
+            # The wrapper ends leftovers of the group itself; closing our end is its last cue.
+            return None
+        if self._pgid is not None:
+            try:
+                await self._kill_group(self._pgid, grace)
+            except Exception:  # the dead-man switch below still ends it
+                log.warning("kill exec failed; relying on the wrapper's dead-man switch", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
+                    while self._exit is None and not self._stream_over:
+                        await self._receive()
+                        self._pending.clear()  # output after the end is not forwarded
+        await self.close()
+        return self._exit
+
+    async def close(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feeder
+        # Closing the stream is stdin EOF for the wrapper: its dead-man switch ends the group.
+        await self._ws.close()
