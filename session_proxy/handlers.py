@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
@@ -53,13 +54,21 @@ def _field_name(location: tuple[int | str, ...]) -> str:
 
 
 def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
-    """Validate a body; 400 if it is not JSON, 422 naming each invalid field otherwise."""
+    """Validate a body; 400 if it is not JSON, 422 naming each invalid field otherwise.
+
+    The standard library parses the JSON because it keeps lone surrogates, which carry raw
+    bytes (``\\udcff`` is byte 0xff, as in ``os.fsdecode``); pydantic's parser refuses them.
+    """
     try:
-        return ExecRequest.model_validate_json(body, context={"max_timeout": settings.max_timeout})
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MalformedRequest(f"body is not valid JSON: {error}") from None
+    try:
+        return ExecRequest.model_validate(
+            document, strict=True, context={"max_timeout": settings.max_timeout}
+        )
     except ValidationError as error:
         problems = error.errors(include_url=False)
-        if any(problem["type"] == "json_invalid" for problem in problems):
-            raise MalformedRequest(f"body is not valid JSON: {problems[0]['msg']}") from None
         fields = [
             {
                 "field": _field_name(problem["loc"]),

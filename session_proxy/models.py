@@ -42,6 +42,12 @@ ExitReason = Literal[
 def _reject_nul(value: str, what: str) -> str:
     if "\x00" in value:
         raise ValueError(f"{what} must not contain NUL bytes")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} has a lone surrogate; only \\udc80-\\udcff (raw bytes 0x80-0xff) may appear"
+        ) from None
     return value
 
 
@@ -61,6 +67,7 @@ class ExecRequest(BaseModel):
         default_factory=dict, max_length=MAX_ENV_VARS, description="extra environment variables"
     )
     stdin: str | None = Field(None, description="text fed to the command's stdin, then EOF")
+
     stdin_b64: str | None = Field(None, description="bytes (base64) fed to stdin, then EOF")
     timeout: float | None = Field(
         None, gt=0, description="wall-clock seconds; default and maximum come from the config"
@@ -74,7 +81,7 @@ class ExecRequest(BaseModel):
         total = 0
         for index, argument in enumerate(command):
             _reject_nul(argument, f"command[{index}]")
-            total += len(argument.encode("utf-8", "surrogatepass")) + 1
+            total += len(argument.encode("utf-8", "surrogateescape")) + 1
         if total > MAX_ARGV_BYTES:
             raise ValueError(f"command is {total} bytes; at most {MAX_ARGV_BYTES} are allowed")
         return command
@@ -99,6 +106,16 @@ class ExecRequest(BaseModel):
                 raise ValueError(f"env name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
             _reject_nul(value, f"env[{name!r}]")
         return env
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin_encodes(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise ValueError("stdin has a lone surrogate; send bytes as stdin_b64") from None
+        return value
 
     @field_validator("stdin_b64")
     @classmethod
@@ -128,7 +145,7 @@ class ExecRequest(BaseModel):
         if self.stdin_b64 is not None:
             return base64.b64decode(self.stdin_b64)
         if self.stdin is not None:
-            return self.stdin.encode("utf-8", "surrogatepass")
+            return self.stdin.encode("utf-8", "surrogateescape")
         return None
 
 

@@ -170,6 +170,7 @@ class KubeApiServer:
         self.mode = mode
         self.tls = tls
         self.pods: dict[tuple[str, str], FakePod] = {}
+        self.deleted: list[FakePod] = []
         self.tokens: dict[str, str] = {}
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) denied to everyone
         self.requests: list[RecordedRequest] = []
@@ -179,6 +180,20 @@ class KubeApiServer:
         self._runner: web.AppRunner | None = None
         self._ca = trustme.CA()
         self._exec_tasks: set[asyncio.Task[Any]] = set()
+        self._reapers: set[asyncio.Task[Any]] = set()
+
+    def reap_later(self, process: asyncio.subprocess.Process) -> None:
+        """A process left running (as a runtime would) is reaped whenever it ends."""
+
+        async def reap() -> None:
+            await process.wait()
+            transport = getattr(process, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+        task = asyncio.create_task(reap())
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     # ---- fixtures' interface -------------------------------------------------------------
 
@@ -192,6 +207,7 @@ class KubeApiServer:
     def delete_pod(self, name: str, namespace: str = "default") -> None:
         """Remove the pod and kill every process it ran, as the container runtime would."""
         pod = self.pods.pop((namespace, name))
+        self.deleted.append(pod)
         kill_pod_processes(pod.uid)
 
     def add_token(self, token: str, user: str = "system:serviceaccount:default:session-proxy") -> None:
@@ -250,8 +266,10 @@ class KubeApiServer:
         await asyncio.gather(*self._exec_tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
-        for pod in list(self.pods.values()):
+        for pod in [*self.pods.values(), *self.deleted]:
             kill_pod_processes(pod.uid)
+        if self._reapers:
+            await asyncio.wait(self._reapers, timeout=10)
 
     # ---- middleware ----------------------------------------------------------------------
 
@@ -517,6 +535,10 @@ class ExecSession:
                 task.cancel()
             await asyncio.gather(*outputs, inputs, return_exceptions=True)
             self.close_pipes()
+            if process.returncode is None:
+                self.server.reap_later(process)
+            else:
+                await process.wait()
 
     async def forward(self, reader: asyncio.StreamReader, channel: int) -> None:
         while data := await reader.read(READ_SIZE):

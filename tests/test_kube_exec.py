@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
+import base64
+import json
+import os
+from pathlib import Path
+from urllib.parse import unquote
 
-from .conftest import KubeSetup, exec_events, final, output_of
+import aiohttp
+import pytest
+
+from .conftest import KubeSetup, exec_events, final, output_of, survivors, wait_for_processes
 
 
 async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
@@ -19,3 +27,178 @@ async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: Ku
     assert output_of(events, "stderr") == b"err\n"
     assert final(events)["exit_code"] == 42
     assert final(events)["reason"] == "exited"
+
+
+@pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 1", 1), ("exit 127", 127)])
+async def test_exit_codes(http: aiohttp.ClientSession, kube_setup: KubeSetup, script: str, code: int) -> None:
+    """Exit codes 0, 1 and 127 pass through unchanged."""
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    assert final(events)["exit_code"] == code
+
+
+async def test_missing_program_exits_127(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """A program missing from the image ends with 127 and says so on stderr."""
+    events = await exec_events(http, kube_setup.proxy, {"command": ["no-such-program-xyz"]})
+    assert final(events)["exit_code"] == 127
+    assert b"no-such-program-xyz" in output_of(events, "stderr")
+
+
+async def test_signal_death_is_128_plus_n(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """Through Kubernetes a signal death shows as the shell's 128+N exit code."""
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "kill -KILL $$"]})
+    assert final(events)["exit_code"] == 128 + 9
+
+
+async def test_output_arrives_while_the_command_runs(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """Each line reaches the client before the command goes on (it waits for our go-ahead)."""
+    gate = kube_setup.pod.root / "gate"
+    script = f"for i in 1 2 3; do echo line$i; while [ ! -e {gate}$i ]; do sleep 0.01; done; done"
+    seen = []
+    async with http.post(f"{kube_setup.proxy.url}/exec", json={"command": ["sh", "-c", script]}) as response:
+        async for raw in response.content:
+            event = json.loads(raw)
+            if event["type"] == "stdout":
+                seen.append(event["data"])
+                Path(f"{gate}{len(seen)}").touch()
+    assert seen == ["line1\n", "line2\n", "line3\n"]
+
+
+async def test_stdin_then_eof(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """stdin bytes reach the command exactly, then EOF, on v5 and v4 alike (cat ends)."""
+    data = bytes(range(256)) * 300
+    body = {"command": ["sh", "-c", "cat; echo; echo done"], "stdin_b64": base64.b64encode(data).decode()}
+    events = await exec_events(http, kube_setup.proxy, body)
+    assert output_of(events, "stdout") == data + b"\ndone\n"
+    assert final(events)["exit_code"] == 0
+
+
+async def test_user_values_arrive_literally_and_never_in_the_url(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """argv, env and workdir with shell syntax and non-UTF-8 bytes arrive as given; the URL is constant."""
+    tricky = "a b; echo INJECTED $(touch pwned) `touch pwned2` 'q' \"dq\"\nline2 \udcff"
+    workdir = kube_setup.pod.root / "dir with space; $(x)"
+    workdir.mkdir()
+    body = {
+        "command": ["sh", "-c", 'printf "%s|" "$0" "$1" "$PWD" "$TRICKY"', tricky, "second arg"],
+        "workdir": str(workdir),
+        "env": {"TRICKY": tricky},
+    }
+    events = await exec_events(http, kube_setup.proxy, body)
+    expected = b"|".join(
+        part.encode("utf-8", "surrogateescape") for part in (tricky, "second arg", str(workdir), tricky)
+    )
+    assert output_of(events, "stdout") == expected + b"|"
+    assert not list(kube_setup.pod.root.rglob("pwned*"))
+    requests = kube_setup.api.exec_requests()
+    assert requests
+    for request in requests:
+        decoded = unquote(request.raw_path)
+        for value in ("INJECTED", "second arg", "TRICKY", "dir with space", '"%s|"'):
+            assert value not in decoded
+            assert value not in str(request.query)
+
+
+async def test_forged_markers_do_not_end_the_request(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """A command printing marker-like bytes gets them back verbatim; the real exit comes after."""
+    fake = "\x1eSP" + "0" * 32 + ":exit:0\x1e"
+    script = f"printf '%s' '{fake}' >&2; printf 'after' >&2; exit 5"
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    assert output_of(events, "stderr") == fake.encode() + b"after"
+    assert final(events)["exit_code"] == 5
+
+
+async def test_background_child_does_not_hold_the_request(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """`sleep & echo done` ends at once with exit 0, and the sleeper is ended afterwards."""
+    body = {"command": ["sh", "-c", f"sleep {marker} & echo done"], "timeout": 60}
+    events = await asyncio.wait_for(exec_events(http, kube_setup.proxy, body), timeout=15)
+    assert output_of(events, "stdout") == b"done\n"
+    assert final(events)["exit_code"] == 0
+    assert final(events)["duration_ms"] < 5000
+    assert await survivors(marker) == []
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash", "busybox sh"])
+async def test_wrapper_works_with_each_shell(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, shell: str, marker: str
+) -> None:
+    """The wrapper runs under dash, bash and busybox sh: env, workdir, stdin, exit code, kill."""
+    kube_setup.pod.shell = shell
+    body = {
+        "command": ["sh", "-c", 'printf "%s:%s:" "$V" "$PWD"; cat; exit 3'],
+        "env": {"V": "x y"}, "workdir": "/", "stdin": "in",
+    }  # fmt: skip
+    events = await exec_events(http, kube_setup.proxy, body)
+    assert output_of(events, "stdout") == b"x y:/:in"
+    assert final(events)["exit_code"] == 3
+    events = await exec_events(
+        http, kube_setup.proxy, {"command": ["sh", "-c", f"sleep {marker} & sleep {marker}"], "timeout": 1}
+    )
+    assert final(events)["reason"] == "timeout"
+    assert await survivors(marker) == []
+
+
+async def test_workdir_that_does_not_exist(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """A missing workdir ends in reason error with a message, not a shell's confusing exit."""
+    events = await exec_events(http, kube_setup.proxy, {"command": ["true"], "workdir": "/no/such/dir"})
+    assert final(events)["reason"] == "error"
+    assert "workdir" in final(events)["message"]
+
+
+async def test_image_without_shell_runs_bare_argv(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """No /bin/sh in the image: plain argv still runs, the start event says no guarantees hold,
+    and workdir/env/stdin are refused with 422."""
+    kube_setup.pod.shell = "/nonexistent/sh"
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "echo bare; exit 4"]})
+    assert events[0]["guarantees"] == {"workdir": False, "env": False, "stdin": False, "kill": False}
+    assert output_of(events, "stdout") == b"bare\n"
+    assert final(events)["exit_code"] == 4
+    async with http.post(
+        f"{kube_setup.proxy.url}/exec", json={"command": ["true"], "workdir": "/tmp", "stdin": "x"}
+    ) as response:
+        assert response.status == 422
+        fields = {f["field"] for f in (await response.json())["error"]["fields"]}
+        assert fields == {"workdir", "stdin"}
+
+
+async def test_large_output_is_complete(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """12 MB of output arrives complete and in order through the WebSocket."""
+    size = 12 * 1024 * 1024
+    events = await exec_events(
+        http, kube_setup.proxy, {"command": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' 'z'"]}
+    )
+    received = output_of(events, "stdout")
+    assert len(received) == size, (len(received), final(events))
+    assert received == b"z" * size
+
+
+async def test_status_and_logs(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """/status describes the workspace pod; /logs returns the container's log tail."""
+    kube_setup.pod.log_lines = [f"line {i}" for i in range(10)]
+    async with http.get(f"{kube_setup.proxy.url}/status") as response:
+        status = await response.json()
+    assert status["backend"] == "kubernetes"
+    assert status["ready"] is True
+    pod = status["target"]["pods"][0]
+    assert (pod["pod"], pod["phase"], pod["ready"], pod["restarts"]) == ("ws-1", "Running", True, 0)
+    assert pod["image"] == "example.com/user/tools:1.0"
+    async with http.get(f"{kube_setup.proxy.url}/logs?tail=3") as response:
+        assert await response.text() == "line 7\nline 8\nline 9\n"
+    async with http.get(f"{kube_setup.proxy.ops_url}/readyz") as response:
+        assert response.status == 200
+
+
+async def test_each_exec_carries_a_distinctive_user_agent(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """The API server's audit log can join an exec to the proxy's log line by exec_id."""
+    events = await exec_events(http, kube_setup.proxy, {"command": ["true"]})
+    agents = [r.headers.get("User-Agent", "") for r in kube_setup.api.exec_requests()]
+    assert f"exec_id={events[0]['exec_id']}" in " ".join(agents)
+    assert os.environ.get("KUBERNETES_SERVICE_HOST") is None

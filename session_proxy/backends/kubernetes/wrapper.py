@@ -51,10 +51,11 @@ mk "pgid:$pid"
 ( exec </dev/null >/dev/null 2>&1 3<&-; trap 'kill "$s"; exit 0' TERM
   sleep "$deadline" & s=$!; wait "$s"; kill -USR2 "$main" ) &
 timer=$!
+# Spelled for dash too: its kill takes `-s SIG -- -PGID` and `-0 -PGID`, not `-TERM -- -PGID`.
 end() {
-  kill -TERM -- "-$pid" 2>/dev/null; i=0
-  while kill -0 -- "-$pid" 2>/dev/null && [ "$i" -lt "$grace" ]; do sleep 1; i=$((i+1)); done
-  kill -KILL -- "-$pid" 2>/dev/null
+  kill -s TERM -- "-$pid" 2>/dev/null; i=0
+  while kill -0 "-$pid" 2>/dev/null && [ "$i" -lt "$grace" ]; do sleep 1; i=$((i+1)); done
+  kill -s KILL -- "-$pid" 2>/dev/null
 }
 wait "$pid"; st=$?
 if [ -n "$stop" ]; then end; wait "$pid"; st=$?; mk "$stop"; fi
@@ -73,10 +74,10 @@ PROBE_SCRIPT: Final = (
 KILL_SCRIPT: Final = r"""
 IFS= read -r p; IFS= read -r g
 case "$p" in ''|*[!0-9]*) exit 2;; esac
-kill -TERM -- "-$p" 2>/dev/null || exit 0
+kill -s TERM -- "-$p" 2>/dev/null || exit 0
 i=0
-while kill -0 -- "-$p" 2>/dev/null && [ "$i" -lt "$g" ]; do sleep 1; i=$((i+1)); done
-kill -KILL -- "-$p" 2>/dev/null
+while kill -0 "-$p" 2>/dev/null && [ "$i" -lt "$g" ]; do sleep 1; i=$((i+1)); done
+kill -s KILL -- "-$p" 2>/dev/null
 exit 0
 """
 

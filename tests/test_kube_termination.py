@@ -1,0 +1,118 @@
+"""Through Kubernetes, every early end leaves no process alive in the workspace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .conftest import (
+    TOKEN,
+    KubeSetup,
+    ProxyFactory,
+    ProxyProcess,
+    exec_events,
+    final,
+    output_of,
+    survivors,
+    wait_for_processes,
+)
+
+
+def forking(marker: str, before: str = "") -> list[str]:
+    return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
+
+
+async def test_timeout_kills_the_group(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """Past the timeout the group is killed through a second exec; reason timeout, 128+15."""
+    events = await exec_events(http, kube_setup.proxy, {"command": forking(marker), "timeout": 1})
+    assert final(events)["reason"] == "timeout"
+    assert final(events)["exit_code"] == 128 + 15
+    assert await survivors(marker, within=3) == []
+    kill_execs = [r for r in kube_setup.api.exec_requests() if "KILL" in str(r.query)]
+    assert kill_execs, "the proxy should kill through a second exec"
+
+
+async def test_term_ignoring_group_gets_kill(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """A group that ignores TERM is killed with KILL after the grace."""
+    events = await exec_events(
+        http, kube_setup.proxy, {"command": forking(marker, "trap '' TERM; "), "timeout": 1}
+    )
+    assert final(events)["reason"] == "timeout"
+    assert await survivors(marker, within=5) == []
+
+
+async def test_idle_timeout(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
+                            tmp_path: Path, marker: str) -> None:  # fmt: skip
+    """A silent command ends with idle_timeout and leaves nothing behind."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await make_proxy(
+        backend="kubernetes", kubeconfig=str(kube.write_kubeconfig(tmp_path / "kc", TOKEN)),
+        namespace="default", session_name="s1", idle_timeout=1, kill_grace=1,
+    )  # fmt: skip
+    events = await exec_events(http, proxy, {"command": forking(marker, "echo hi; "), "timeout": 60})
+    assert output_of(events, "stdout") == b"hi\n"
+    assert final(events)["reason"] == "idle_timeout"
+    assert await survivors(marker, within=3) == []
+
+
+async def test_output_limit(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
+                           tmp_path: Path, marker: str) -> None:  # fmt: skip
+    """Output past the cap is cut exactly there and the group is ended."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await make_proxy(
+        backend="kubernetes", kubeconfig=str(kube.write_kubeconfig(tmp_path / "kc", TOKEN)),
+        namespace="default", session_name="s1", max_output_bytes=50_000, kill_grace=1,
+    )  # fmt: skip
+    script = f"sleep {marker} & while :; do echo yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy; done"
+    events = await exec_events(http, proxy, {"command": ["sh", "-c", script], "timeout": 60})
+    assert final(events)["reason"] == "output_limit"
+    assert len(output_of(events, "stdout")) == 50_000
+    assert await survivors(marker, within=3) == []
+
+
+async def test_client_disconnect(http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str) -> None:
+    """A client that hangs up mid-exec leaves nothing running in the workspace."""
+    body = {"command": forking(marker, "echo started; "), "timeout": 60}
+    response = await http.post(f"{kube_setup.proxy.url}/exec", json=body)
+    assert json.loads(await response.content.readline())["type"] == "start"
+    await wait_for_processes(marker, 2)
+    response.close()
+    assert await survivors(marker) == []
+
+
+async def test_shutdown(http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str) -> None:
+    """Server shutdown past its grace ends execs with reason shutdown and kills their groups."""
+    task = asyncio.create_task(
+        exec_events(http, kube_setup.proxy, {"command": forking(marker), "timeout": 60})
+    )
+    await wait_for_processes(marker, 2)
+    await kube_setup.proxy.server.stop()
+    assert final(await task)["reason"] == "shutdown"
+    assert await survivors(marker, within=3) == []
+
+
+async def test_dead_man_switch_when_the_proxy_is_killed(
+    http: aiohttp.ClientSession, kube: Any, spawn_proxy: Callable[..., ProxyProcess],
+    tmp_path: Path, marker: str,
+) -> None:  # fmt: skip
+    """SIGKILL the proxy mid-exec: the stream dies, the wrapper sees stdin EOF and kills the group."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    config = kube.write_kubeconfig(tmp_path / "kc", TOKEN)
+    proxy = spawn_proxy("--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
+                        "--session-name", "s1")  # fmt: skip
+    response = await http.post(f"{proxy.url}/exec", json={"command": forking(marker), "timeout": 600})
+    await response.content.readline()
+    await wait_for_processes(marker, 2)
+    proxy.process.send_signal(signal.SIGKILL)
+    assert await survivors(marker) == []
+    response.close()
