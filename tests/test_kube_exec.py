@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 
-from .conftest import KubeSetup, exec_events, final, output_of, survivors, wait_for_processes
+from .conftest import KubeSetup, exec_events, final, output_of, survivors
 
 
 async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:

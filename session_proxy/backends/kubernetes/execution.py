@@ -83,6 +83,7 @@ class KubernetesExecution:
         self._status_bytes = bytearray()
         self._pgid: int | None = None
         self._exit: ExitStatus | None = None
+        self._exit_reported = False  # the wrapper said the command ended (else it may still run)
         self._stream_over = False
         self._feeder = asyncio.create_task(self._feed(stdin), name="kube-stdin") if stdin else None
 
@@ -152,7 +153,9 @@ class KubernetesExecution:
             self._pgid = int(marker.value)
         elif marker.kind == "exit" and marker.value.isdigit():
             self._exit = ExitStatus(int(marker.value))
+            self._exit_reported = True
         elif marker.kind == "error":
+            self._exit_reported = True
             message = WORKDIR_ERROR if marker.value == "workdir" else "environment could not be set"
             self._exit = ExitStatus(None, reason="error", message=message)
 
@@ -161,8 +164,9 @@ class KubernetesExecution:
         return self._exit
 
     async def terminate(self, grace: float) -> ExitStatus | None:
-        if self._exit is not None:
+        if self._exit_reported:
             # The wrapper ends leftovers of the group itself; closing our end is its last cue.
+            await self.close()
             return None
         if self._pgid is not None:
             try:
@@ -171,7 +175,7 @@ class KubernetesExecution:
                 log.warning("kill exec failed; relying on the wrapper's dead-man switch", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
-                    while self._exit is None and not self._stream_over:
+                    while not self._exit_reported and not self._stream_over:
                         await self._receive()
                         self._pending.clear()  # output after the end is not forwarded
         await self.close()

@@ -47,6 +47,8 @@ exec 3<&0
 ( exec 2>/dev/null; head -c "$nstdin" <&3; exec >&-; { cat <&3 >/dev/null; kill -USR1 "$main"; } & ) |
   setsid "$@" 3<&- &
 pid=$!
+# From here on a report that cannot be written (the stream is gone) must not stop the clean-up.
+trap '' PIPE
 mk "pgid:$pid"
 ( exec </dev/null >/dev/null 2>&1 3<&-; trap 'kill "$s"; exit 0' TERM
   sleep "$deadline" & s=$!; wait "$s"; kill -USR2 "$main" ) &
