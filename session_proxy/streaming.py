@@ -74,6 +74,7 @@ class ExecSession:
         self._stop_reason: ExitReason | None = None
         self._tally = ExecTally()
         self._target = ""
+        self._recorded = False
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
 
@@ -98,7 +99,6 @@ class ExecSession:
         try:
             return await self._stream(execution)
         finally:
-            self._metrics.in_flight.dec()
             self._supervisor.remove(self)
             self._record()
 
@@ -200,6 +200,8 @@ class ExecSession:
         }
         if status.message:
             event["message"] = status.message
+        # Counted before the client can see the end, so a scrape right after agrees with it.
+        self._record()
         try:
             async with asyncio.timeout(FINAL_WRITE_TIMEOUT):
                 for stream, splitter in tally.splitters.items():
@@ -243,6 +245,12 @@ class ExecSession:
         }
 
     def _record(self) -> None:
+        """Metrics and the one log line per exec; runs once, whichever way the exec ends."""
+        if self._recorded:
+            return
+        self._recorded = True
+        if self._target:
+            self._metrics.in_flight.dec()
         tally = self._tally
         duration = self._loop.time() - self._started
         self._metrics.exec_requests.labels(outcome=tally.outcome).inc()

@@ -197,8 +197,9 @@ async def test_not_ready_mid_exec_lets_the_exec_finish(
     assert final(events)["exit_code"] == 0
 
 
-async def test_dropped_stream_is_transport_lost(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
-                                               tmp_path: Path, marker: str) -> None:  # fmt: skip
+async def test_dropped_stream_is_transport_lost(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
     """A stream cut mid-output without status is transport_lost, never exit 0, and the kill still runs."""
     kube.add_pod("ws-1", labels=LABELS)
     proxy = await kube_proxy(kube, make_proxy, tmp_path)
@@ -285,7 +286,8 @@ def in_cluster(kube: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     return {
-        "backend": "kubernetes", "token_file": str(token_file), "ca_file": str(kube.write_ca(tmp_path / "ca.crt")),
+        "backend": "kubernetes", "token_file": str(token_file),
+        "ca_file": str(kube.write_ca(tmp_path / "ca.crt")),
         "namespace": "default", "session_name": "s1", "workspace_wait": 1, "kill_grace": 1,
     }  # fmt: skip
 

@@ -116,3 +116,42 @@ async def test_dead_man_switch_when_the_proxy_is_killed(
     proxy.process.send_signal(signal.SIGKILL)
     assert await survivors(marker) == []
     response.close()
+
+
+async def test_large_output_with_slow_reader_keeps_memory_bounded(
+    http: aiohttp.ClientSession, kube: Any, spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    """200 MB through the WebSocket to a reader that pauses: the proxy's RSS stays flat and
+    every byte arrives (the proxy stops reading the WebSocket while the client is slow)."""
+    import psutil
+
+    mib = 1024 * 1024
+    size = 200 * mib
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    config = kube.write_kubeconfig(tmp_path / "kc", TOKEN)
+    proxy = spawn_proxy("--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
+                        "--session-name", "s1", "--max-output-bytes", str(size * 2))  # fmt: skip
+    rss = psutil.Process(proxy.process.pid).memory_info
+    await exec_events(http, _running(proxy), {"command": ["true"]})  # warm up: probe, TLS, pools
+    baseline = rss().rss
+    body = {"command": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' 'k'"], "timeout": 300}
+    received = 0
+    async with http.post(f"{proxy.url}/exec", json=body) as response:
+        await response.content.readline()
+        await asyncio.sleep(2)  # not reading: everything upstream must stall
+        paused = rss().rss
+        peak = paused
+        async for chunk in response.content.iter_chunked(1024 * 1024):
+            received += chunk.count(b"k")
+            if received % (16 * mib) < mib:
+                peak = max(peak, rss().rss)
+    print(f"kube rss baseline={baseline // mib}MiB paused={paused // mib}MiB peak={peak // mib}MiB")
+    assert received == size
+    assert paused - baseline < 20 * mib, (baseline, paused)
+    assert peak - baseline < 40 * mib, (baseline, peak)
+
+
+def _running(proxy: ProxyProcess) -> Any:
+    from .conftest import RunningProxy
+
+    return RunningProxy(server=None, url=proxy.url, ops_url=proxy.ops_url)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,16 @@ def test_defaults_match_the_documented_table(tmp_path: Path, monkeypatch: pytest
 def test_in_cluster_default_backend_is_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
     """KUBERNETES_SERVICE_HOST (set in every pod) makes kubernetes the default backend."""
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("SESSION_NAME", "s1")
     assert parse([], {}).backend == "kubernetes"
+
+
+def test_kubernetes_backend_needs_a_selector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without SESSION_NAME or --workspace-selector there is nothing to select: refused."""
+    monkeypatch.delenv("SESSION_NAME", raising=False)
+    with pytest.raises(ValidationError) as caught:
+        parse(["--backend", "kubernetes"], {})
+    assert "--workspace-selector" in describe_settings_error(caught.value)
 
 
 def test_flag_wins_over_environment() -> None:
@@ -96,11 +106,12 @@ def test_serve_exits_2_with_one_clear_line(tmp_path: Path) -> None:
     assert "greater than or equal to 0" in result.stderr
 
 
-def test_kubernetes_backend_is_refused_until_it_exists(tmp_path: Path) -> None:
-    """Asking for the kubernetes backend fails at start-up with a clear message, never a fake."""
+def test_kubernetes_backend_outside_a_cluster_says_what_to_do(tmp_path: Path) -> None:
+    """The kubernetes backend with no cluster and no kubeconfig stops start-up with advice."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
     result = subprocess.run(
-        [sys.executable, "-m", "session_proxy", "serve", "--backend", "kubernetes"],
-        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        [sys.executable, "-m", "session_proxy", "serve", "--backend", "kubernetes", "--session-name", "s1"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "kubernetes" in result.stderr
+    assert "pass --kubeconfig" in result.stderr
