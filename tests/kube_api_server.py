@@ -608,3 +608,31 @@ def exit_status(code: int, protocol: str) -> dict[str, Any]:
         "reason": "NonZeroExitCode",
         "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
     }  # fmt: skip
+
+
+async def _serve_by_hand(directory: Path, mode: str) -> None:
+    server = KubeApiServer(directory, mode=mode)
+    server.add_token("demo-token")
+    pod = server.add_pod("workspace-demo", labels={"session": "demo", "type": "workspace"})
+    await server.start()
+    config = server.write_kubeconfig(directory / "kubeconfig", "demo-token")
+    print(f"Kubernetes API test server ({mode}) at {server.url}", flush=True)
+    print(f"kubeconfig: {config}  (pod workspace-demo runs commands in {pod.root})", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Run the Kubernetes API test server by hand.")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put pods and the kubeconfig")
+    parser.add_argument("--mode", choices=["modern", "old"], default="modern")
+    arguments = parser.parse_args()
+    folder = arguments.dir or Path(tempfile.mkdtemp(prefix="kube-api-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_by_hand(folder, arguments.mode))
