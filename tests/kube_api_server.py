@@ -400,8 +400,6 @@ class KubeApiServer:
 
     async def _exec(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if request.method == "POST":  # SPDY: not spoken here; WebSocket needs GET
-            return status_response(400, "BadRequest", "SPDY is not supported by this test server")
         for verb in ("get", "create") if self.mode == "modern" else ("get",):
             if denied := self._deny(request, verb, "pods/exec", name):
                 return denied
@@ -422,6 +420,8 @@ class KubeApiServer:
         streams = {s: query_bool(query, s) for s in ("stdin", "stdout", "stderr")}
         if not any(streams.values()):
             return status_response(400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr")
+        if request.method == "POST":  # SPDY (kubectl's fallback) is not spoken here
+            return status_response(400, "BadRequest", "SPDY is not supported by this test server")
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return status_response(400, "BadRequest", "Upgrade request required")
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]

@@ -71,10 +71,9 @@ async def test_kubectl_exec_streams_and_exit_code(kube: Any, kubeconfig: Path) -
         assert [r.method for r in exec_requests] == ["GET", "POST"]
 
 
+@pytest.mark.parametrize("api_mode", ["modern"])  # kubectl speaks only v5 over WebSocket
 async def test_kubectl_exec_with_stdin(kube: Any, kubeconfig: Path) -> None:
     """`kubectl exec -i` delivers stdin and then EOF (v5 CLOSE), so `cat` ends."""
-    if kube.mode == "old":
-        pytest.skip("kubectl 1.32 speaks v5 only over WebSocket; v4 stdin is covered through the proxy")
     kube.add_pod("ws")
     data = bytes(range(256)) * 100
     code, out, err = await kubectl(kubeconfig, "exec", "-i", "ws", "-c", "workspace", "--", "cat", stdin=data)
@@ -96,6 +95,14 @@ async def test_kubectl_sees_not_found_and_forbidden(kube: Any, kubeconfig: Path)
         b'pods is forbidden: User "system:serviceaccount:default:session-proxy" cannot list resource "pods"'
         in err
     )
+
+
+async def test_kubectl_exec_into_a_missing_container(kube: Any, kubeconfig: Path) -> None:
+    """A container name the pod does not have is a 400 BadRequest with the real message."""
+    kube.add_pod("ws")
+    code, _, err = await kubectl(kubeconfig, "exec", "ws", "-c", "nope", "--", "true")
+    assert code == 1
+    assert b"container nope is not valid for pod ws" in err
 
 
 async def test_kubectl_without_valid_token_is_unauthorized(kube: Any, tmp_path: Path) -> None:

@@ -326,3 +326,24 @@ async def test_in_cluster_without_service_host_stops_start_up(
 
     with pytest.raises(BackendUnavailable, match="--kubeconfig"):
         await make_proxy(backend="kubernetes", session_name="s1", kubeconfig=None)
+
+
+async def test_plain_http_api_server(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The backend also works against an API server over plain HTTP (a kubeconfig without a CA)."""
+    from .kube_api_server import KubeApiServer
+
+    (tmp_path / "plain").mkdir()
+    server = KubeApiServer(tmp_path / "plain", tls=False)
+    server.add_token(TOKEN)
+    server.add_pod("ws-1", labels=LABELS)
+    await server.start()
+    try:
+        assert server.url.startswith("http://")
+        proxy = await kube_proxy(server, make_proxy, tmp_path)
+        events = await exec_events(http, proxy, {"command": ["echo", "plain"]})
+        assert output_of(events, "stdout") == b"plain\n"
+    finally:
+        await proxy.server.stop()
+        await server.stop()
