@@ -1,0 +1,29 @@
+# session-proxy: the exec sidecar. Build: docker build -t session-proxy:0.1.0 .
+# Runs as a non-root numeric UID with a read-only root filesystem; the entry point needs no shell.
+
+FROM python:3.11.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY session_proxy ./session_proxy
+# Dependencies come from the project's own metadata (pyproject.toml), installed into a venv
+# that is copied whole into the runtime stage.
+RUN python -m venv /opt/session-proxy \
+ && /opt/session-proxy/bin/pip install --no-cache-dir --no-compile . \
+ && /opt/session-proxy/bin/python -m compileall -q /opt/session-proxy/lib
+
+FROM python:3.11.11-slim-bookworm
+LABEL org.opencontainers.image.title="session-proxy" \
+      org.opencontainers.image.description="Localhost exec sidecar: runs an agent's commands in its workspace pod through the Kubernetes exec API" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/session-proxy /opt/session-proxy
+ENV PATH="/opt/session-proxy/bin:$PATH" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    SESSION_PROXY_LISTEN=127.0.0.1:8081 \
+    SESSION_PROXY_OPS_LISTEN=0.0.0.0:9464 \
+    SESSION_PROXY_LOG_FORMAT=json
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8081 9464
+ENTRYPOINT ["/opt/session-proxy/bin/session-proxy", "serve"]

@@ -1,0 +1,231 @@
+"""The security model of the deployment, as rules over rendered Kubernetes objects.
+
+Each rule returns the list of violations it finds (empty: the rule holds), so a test can show
+both that the shipped manifests pass and that a broken manifest is caught.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from session_proxy.settings import Settings, parse_listen_address
+
+Objects = list[dict[str, Any]]
+SIDECAR = "session-proxy"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+ALLOWED_RULES = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/exec"): {"get", "create"},
+    ("", "pods/log"): {"get"},
+}
+
+
+def pods(objects: Objects) -> Iterator[dict[str, Any]]:
+    yield from (o for o in objects if o.get("kind") == "Pod")
+
+
+def containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = pod["spec"]
+    yield from spec.get("initContainers") or []
+    yield from spec.get("containers") or []
+
+
+def is_workspace(pod: dict[str, Any]) -> bool:
+    return (pod["metadata"].get("labels") or {}).get("type") == "workspace"
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in pod["spec"].get("initContainers") or [] if c["name"] == SIDECAR), None)
+
+
+def token_volumes(pod: dict[str, Any]) -> set[str]:
+    names = set()
+    for volume in pod["spec"].get("volumes") or []:
+        sources = (volume.get("projected") or {}).get("sources") or []
+        if any("serviceAccountToken" in source for source in sources):
+            names.add(volume["name"])
+        if "secret" in volume:
+            names.add(volume["name"])  # a secret volume could hold a token: only the sidecar
+    return names
+
+
+def token_only_in_sidecar(objects: Objects) -> list[str]:
+    problems = []
+    for obj in objects:
+        if obj.get("kind") == "Secret" and obj.get("type") == "kubernetes.io/service-account-token":
+            problems.append(f"Secret {obj['metadata']['name']} is a service-account token")
+    for pod in pods(objects):
+        name = pod["metadata"]["name"]
+        spec = pod["spec"]
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"pod {name}: automountServiceAccountToken is not false")
+        if spec.get("shareProcessNamespace"):
+            problems.append(f"pod {name}: shareProcessNamespace exposes the sidecar's token")
+        tokens = token_volumes(pod)
+        if is_workspace(pod) and tokens:
+            problems.append(f"pod {name}: the workspace has a token volume {sorted(tokens)}")
+        for container in containers(pod):
+            mounted = {m["name"] for m in container.get("volumeMounts") or []} & tokens
+            if mounted and container["name"] != SIDECAR:
+                problems.append(
+                    f"pod {name}: container {container['name']} mounts the token {sorted(mounted)}"
+                )
+        sidecar = sidecar_of(pod)
+        if sidecar is not None:
+            mounts = {m["name"]: m for m in sidecar.get("volumeMounts") or []}
+            if not any(v in mounts and mounts[v]["mountPath"] == TOKEN_PATH for v in tokens):
+                problems.append(f"pod {name}: the sidecar has no projected token at {TOKEN_PATH}")
+    return problems
+
+
+def role_is_least_privilege(objects: Objects) -> list[str]:
+    problems = []
+    roles = [o for o in objects if o.get("kind") in ("Role", "ClusterRole")]
+    if not roles:
+        return ["no Role for the proxy"]
+    for role in roles:
+        if role["kind"] == "ClusterRole":
+            problems.append(f"ClusterRole {role['metadata']['name']}: the proxy needs a namespaced Role")
+        granted: dict[tuple[str, str], set[str]] = {}
+        for rule in role.get("rules") or []:
+            for group in rule.get("apiGroups") or []:
+                for resource in rule.get("resources") or []:
+                    granted.setdefault((group, resource), set()).update(rule.get("verbs") or [])
+        if granted != ALLOWED_RULES:
+            problems.append(f"Role {role['metadata']['name']} grants {granted}, expected {ALLOWED_RULES}")
+    return problems
+
+
+def _effective(pod: dict[str, Any], container: dict[str, Any], key: str) -> Any:
+    value = (container.get("securityContext") or {}).get(key)
+    return value if value is not None else (pod["spec"].get("securityContext") or {}).get(key)
+
+
+def restricted_everywhere(objects: Objects) -> list[str]:
+    """Pod Security Standards "restricted", container by container, plus a read-only sidecar."""
+    problems = []
+    for pod in pods(objects):
+        spec = pod["spec"]
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(flag):
+                problems.append(f"pod {pod['metadata']['name']}: {flag}")
+        if any("hostPath" in v for v in spec.get("volumes") or []):
+            problems.append(f"pod {pod['metadata']['name']}: hostPath volume")
+        for container in containers(pod):
+            where = f"pod {pod['metadata']['name']} container {container['name']}"
+            context = container.get("securityContext") or {}
+            if _effective(pod, container, "runAsNonRoot") is not True:
+                problems.append(f"{where}: runAsNonRoot is not true")
+            if _effective(pod, container, "runAsUser") == 0:
+                problems.append(f"{where}: runs as UID 0")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allowPrivilegeEscalation is not false")
+            if context.get("privileged"):
+                problems.append(f"{where}: privileged")
+            capabilities = context.get("capabilities") or {}
+            if "ALL" not in (capabilities.get("drop") or []):
+                problems.append(f"{where}: capabilities do not drop ALL")
+            if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+                problems.append(f"{where}: adds capabilities {capabilities['add']}")
+            seccomp = (_effective(pod, container, "seccompProfile") or {}).get("type")
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{where}: seccompProfile is {seccomp}")
+            if "resources" not in container or "limits" not in container["resources"]:
+                problems.append(f"{where}: no resource limits")
+        sidecar = sidecar_of(pod)
+        if (
+            sidecar is not None
+            and (sidecar.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True
+        ):
+            problems.append(f"pod {pod['metadata']['name']}: the sidecar's root filesystem is writable")
+    return problems
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def proxy_wiring_matches_defaults(objects: Objects) -> list[str]:
+    """The sidecar gets what it needs, and ports and probes match the proxy's own defaults."""
+    defaults = Settings(backend="local")
+    ops_port = parse_listen_address(defaults.ops_listen).port  # type: ignore[union-attr]
+    exec_port = parse_listen_address(defaults.listen).port  # type: ignore[union-attr]
+    problems = []
+    runners = [p for p in pods(objects) if sidecar_of(p) is not None]
+    if not runners:
+        return ["no pod runs the session-proxy sidecar"]
+    for pod in runners:
+        name = pod["metadata"]["name"]
+        sidecar = sidecar_of(pod)
+        assert sidecar is not None
+        if sidecar.get("restartPolicy") != "Always":
+            problems.append(f"pod {name}: the sidecar is not a native sidecar (restartPolicy Always)")
+        env = _env(sidecar)
+        namespace = (env.get("POD_NAMESPACE") or {}).get("valueFrom", {}).get("fieldRef", {})
+        if namespace.get("fieldPath") != "metadata.namespace":
+            problems.append(f"pod {name}: POD_NAMESPACE does not come from metadata.namespace")
+        if "SESSION_NAME" not in env and "SESSION_PROXY_WORKSPACE_SELECTOR" not in env:
+            problems.append(f"pod {name}: neither SESSION_NAME nor a workspace selector is set")
+        ports = {p.get("name"): p["containerPort"] for p in sidecar.get("ports") or []}
+        for probe_kind, paths in (("startupProbe", {"/healthz"}), ("readinessProbe", {"/readyz"}),
+                                  ("livenessProbe", {"/healthz"})):  # fmt: skip
+            probe = (sidecar.get(probe_kind) or {}).get("httpGet")
+            if probe is None:
+                problems.append(f"pod {name}: the sidecar has no {probe_kind}")
+                continue
+            port = ports.get(probe["port"], probe["port"])
+            if port != ops_port or probe["path"] not in paths:
+                problems.append(
+                    f"pod {name}: {probe_kind} {probe} does not hit the ops listener {ops_port}{paths}"
+                )
+        for container in pod["spec"].get("containers") or []:
+            url = (_env(container).get("SESSION_PROXY_URL") or {}).get("value")
+            if url is not None and url != f"http://127.0.0.1:{exec_port}":
+                problems.append(f"pod {name}: {container['name']} has SESSION_PROXY_URL={url}")
+        if not any("SESSION_PROXY_URL" in _env(c) for c in pod["spec"].get("containers") or []):
+            problems.append(f"pod {name}: the agent is not told SESSION_PROXY_URL")
+        annotations = pod["metadata"].get("annotations") or {}
+        if annotations.get("prometheus.io/port") != str(ops_port):
+            problems.append(f"pod {name}: Prometheus does not scrape port {ops_port}")
+    return problems
+
+
+def workspace_is_isolated(objects: Objects) -> list[str]:
+    problems = []
+    workspaces = [p for p in pods(objects) if is_workspace(p)]
+    if not workspaces:
+        return ["no workspace pod"]
+    for pod in workspaces:
+        if not any(c["name"] == "workspace" for c in pod["spec"]["containers"]):
+            problems.append(f"pod {pod['metadata']['name']}: no container named workspace")
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+    isolating = [
+        p for p in policies
+        if (p["spec"]["podSelector"].get("matchLabels") or {}).get("type") == "workspace"
+    ]  # fmt: skip
+    if not isolating:
+        return [*problems, "no NetworkPolicy selects the workspace"]
+    for policy in isolating:
+        spec = policy["spec"]
+        if "Ingress" not in spec.get("policyTypes", []) or spec.get("ingress"):
+            problems.append(f"NetworkPolicy {policy['metadata']['name']}: workspace ingress is not denied")
+        if "Egress" not in spec.get("policyTypes", []):
+            problems.append(f"NetworkPolicy {policy['metadata']['name']}: egress is not restricted")
+        for rule in spec.get("egress") or []:
+            for peer in rule.get("to") or [{}]:
+                block = peer.get("ipBlock")
+                if block is None or "169.254.169.254/32" not in (block.get("except") or []):
+                    problems.append(
+                        f"NetworkPolicy {policy['metadata']['name']}: egress reaches the metadata address"
+                    )
+    return problems
+
+
+RULES: dict[str, Callable[[Objects], list[str]]] = {
+    "token_only_in_sidecar": token_only_in_sidecar,
+    "role_is_least_privilege": role_is_least_privilege,
+    "restricted_everywhere": restricted_everywhere,
+    "proxy_wiring_matches_defaults": proxy_wiring_matches_defaults,
+    "workspace_is_isolated": workspace_is_isolated,
+}

