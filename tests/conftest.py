@@ -114,6 +114,11 @@ def marker() -> str:
     return f"300.{uuid.uuid4().int % 10**9:09d}"
 
 
+def forking(marker: str, before: str = "") -> list[str]:
+    """A command with a background and a foreground child, both long sleepers carrying ``marker``."""
+    return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
+
+
 def processes_with(marker: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):

@@ -179,3 +179,15 @@ async def test_events_match_the_published_models(http: aiohttp.ClientSession, pr
     events = await exec_events(http, proxy, {"command": ["sh", "-c", "echo a; printf '\\377' >&2; exit 3"]})
     for event in events:
         EVENT_ADAPTER.validate_python(event)
+
+
+async def test_chatty_leftover_does_not_hold_the_request(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """A background child that never stops writing cannot keep the request open after the exit."""
+    script = f"(while :; do echo {marker}; done) & echo done"
+    events = await asyncio.wait_for(exec_events(http, proxy, {"command": ["sh", "-c", script]}), timeout=15)
+    exit_event = final(events)
+    assert (exit_event["reason"], exit_event["exit_code"]) == ("exited", 0)
+    assert exit_event["duration_ms"] < 5000
+    assert await survivors(marker) == []

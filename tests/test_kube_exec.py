@@ -202,3 +202,15 @@ async def test_each_exec_carries_a_distinctive_user_agent(
     agents = [r.headers.get("User-Agent", "") for r in kube_setup.api.exec_requests()]
     assert f"exec_id={events[0]['exec_id']}" in " ".join(agents)
     assert os.environ.get("KUBERNETES_SERVICE_HOST") is None
+
+
+async def test_chatty_leftover_does_not_hold_the_request(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """A background child that never stops writing cannot keep the request open after the exit."""
+    script = f"(while :; do echo {marker}; done) & echo done"
+    events = await asyncio.wait_for(
+        exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]}), timeout=15
+    )
+    assert (final(events)["reason"], final(events)["exit_code"]) == ("exited", 0)
+    assert await survivors(marker) == []

@@ -18,14 +18,11 @@ from .conftest import (
     ProxyProcess,
     exec_events,
     final,
+    forking,
     output_of,
     survivors,
     wait_for_processes,
 )
-
-
-def forking(marker: str, before: str = "") -> list[str]:
-    return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
 
 
 async def test_timeout_kills_the_group(

@@ -14,15 +14,11 @@ from .conftest import (
     RunningProxy,
     exec_events,
     final,
+    forking,
     output_of,
     survivors,
     wait_for_processes,
 )
-
-
-def forking(marker: str, before: str = "") -> list[str]:
-    """A command with a background child and a foreground child, both long sleepers."""
-    return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
 
 
 async def test_timeout_ends_the_whole_group(

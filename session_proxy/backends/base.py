@@ -8,13 +8,19 @@ live above this seam, so every backend gets them for free.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from ..models import ExitReason, Guarantees
 
 StreamName = Literal["stdout", "stderr"]
+# After the command exits, output already on its way is forwarded, but a leftover child that
+# keeps the pipes open (or keeps writing) must not hold the request: draining stops after a
+# short quiet spell, and after DRAIN_LIMIT in any case.
+DRAIN_QUIET: Final = 0.05
+DRAIN_LIMIT: Final = 0.5
 WaitingCallback = Callable[[str], Awaitable[None]]
 
 
@@ -96,3 +102,54 @@ class ExecBackend(Protocol):
 
     async def close(self) -> None:
         """Release clients and connections at shutdown."""
+
+
+class OutputSource(Protocol):
+    """What ``next_output`` needs from a backend's running command."""
+
+    @property
+    def exited(self) -> bool:
+        """The command itself has ended (learned out of band, not from pipe EOF)."""
+
+    @property
+    def stream_open(self) -> bool:
+        """More output may still arrive."""
+
+    def take(self) -> OutputChunk | None:
+        """A chunk already received, if any."""
+
+    async def changed(self) -> None:
+        """Wait for more output, end of output, or the exit."""
+
+
+class ExitDrain:
+    """The post-exit drain budget of one execution, started at the first look after the exit."""
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+
+    def remaining(self, now: float) -> float:
+        if self._deadline is None:
+            self._deadline = now + DRAIN_LIMIT
+        return self._deadline - now
+
+
+async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | None:
+    """The next chunk to forward, or None once the command has ended and draining is over."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if source.exited and drain.remaining(loop.time()) <= 0:
+            return None
+        chunk = source.take()
+        if chunk is not None:
+            return chunk
+        if not source.stream_open:
+            return None
+        if not source.exited:
+            await source.changed()
+            continue
+        try:
+            async with asyncio.timeout(min(DRAIN_QUIET, drain.remaining(loop.time()))):
+                await source.changed()
+        except TimeoutError:
+            return None

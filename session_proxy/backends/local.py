@@ -16,7 +16,16 @@ from typing import Final
 
 from ..errors import NotFound
 from ..models import Guarantees
-from .base import BackendInfo, ExecSpec, ExitStatus, OutputChunk, StreamName, WaitingCallback
+from .base import (
+    BackendInfo,
+    ExecSpec,
+    ExitDrain,
+    ExitStatus,
+    OutputChunk,
+    StreamName,
+    WaitingCallback,
+    next_output,
+)
 from .process_group import terminate_group
 
 # Output waiting for the client is capped: past HIGH_WATER the pipes are no longer read, so the
@@ -24,10 +33,6 @@ from .process_group import terminate_group
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# After the command exits, output still in the pipes is forwarded; a leftover child that keeps
-# the pipes open must not hold the request, so draining stops after a short quiet spell.
-DRAIN_QUIET: Final = 0.05
-DRAIN_LIMIT: Final = 0.5
 ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True)
 STREAMS: Final[dict[int, StreamName]] = {1: "stdout", 2: "stderr"}
 
@@ -74,7 +79,13 @@ class CommandProtocol(asyncio.SubprocessProtocol):
         self.exited = True
         self._wake()
 
-    def take(self) -> OutputChunk:
+    @property
+    def stream_open(self) -> bool:
+        return bool(self.open_streams)
+
+    def take(self) -> OutputChunk | None:
+        if not self.chunks:
+            return None
         chunk = self.chunks.popleft()
         self._buffered -= len(chunk.data)
         if self._paused and self._buffered <= LOW_WATER:
@@ -112,28 +123,13 @@ class LocalExecution:
         self._transport = transport
         self._protocol = protocol
         self._pid = transport.get_pid()
+        self._drain = ExitDrain()
 
     async def next_chunk(self) -> OutputChunk | None:
-        protocol = self._protocol
-        loop = asyncio.get_running_loop()
-        drain_deadline: float | None = None
-        while not protocol.chunks and protocol.open_streams:
-            if not protocol.exited:
-                await protocol.changed()
-                continue
-            drain_deadline = drain_deadline or loop.time() + DRAIN_LIMIT
-            wait = min(DRAIN_QUIET, drain_deadline - loop.time())
-            if wait <= 0:
-                break
-            try:
-                async with asyncio.timeout(wait):
-                    await protocol.changed()
-            except TimeoutError:
-                break
-        if protocol.chunks:
-            return protocol.take()
-        await self._exited()  # the pipes may close before the command exits
-        return None
+        chunk = await next_output(self._protocol, self._drain)
+        if chunk is None:
+            await self._exited()  # the pipes may close before the command exits
+        return chunk
 
     async def _exited(self) -> int:
         while not self._protocol.exited:

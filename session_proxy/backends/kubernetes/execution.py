@@ -19,14 +19,12 @@ from typing import Final
 import aiohttp
 
 from ...models import Guarantees
-from ..base import ExitStatus, OutputChunk
+from ..base import ExitDrain, ExitStatus, OutputChunk, next_output
 from .wrapper import Marker, MarkerFilter
 
 log = logging.getLogger(__name__)
 
 STDOUT, STDERR, STATUS = 1, 2, 3
-DRAIN_QUIET: Final = 0.05
-DRAIN_LIMIT: Final = 0.5
 EXIT_AFTER_KILL_TIMEOUT: Final = 5.0
 STDIN_FRAME: Final = 256 * 1024
 WORKDIR_ERROR: Final = "workdir cannot be used in the workspace (missing, or not a directory)"
@@ -85,6 +83,7 @@ class KubernetesExecution:
         self._exit: ExitStatus | None = None
         self._exit_reported = False  # the wrapper said the command ended (else it may still run)
         self._stream_over = False
+        self._drain = ExitDrain()
         self._feeder = asyncio.create_task(self._feed(stdin), name="kube-stdin") if stdin else None
 
     async def _feed(self, data: bytes) -> None:
@@ -93,32 +92,26 @@ class KubernetesExecution:
             for offset in range(0, len(data), STDIN_FRAME):
                 await self._ws.send_bytes(b"\x00" + data[offset : offset + STDIN_FRAME])
 
+    # OutputSource, for next_output:
     @property
-    def _ended(self) -> bool:
+    def exited(self) -> bool:
         return self._exit is not None
 
+    @property
+    def stream_open(self) -> bool:
+        return not self._stream_over
+
+    def take(self) -> OutputChunk | None:
+        return self._pending.popleft() if self._pending else None
+
+    async def changed(self) -> None:
+        await self._receive()
+
     async def next_chunk(self) -> OutputChunk | None:
-        loop = asyncio.get_running_loop()
-        drain_deadline: float | None = None
-        while not self._pending and not self._stream_over:
-            if self._exit is None:
-                await self._receive()
-                continue
-            # Exited: forward what is already on its way, but never wait on leftovers' output.
-            drain_deadline = drain_deadline or loop.time() + DRAIN_LIMIT
-            wait = min(DRAIN_QUIET, drain_deadline - loop.time())
-            if wait <= 0:
-                break
-            try:
-                async with asyncio.timeout(wait):
-                    await self._receive()
-            except TimeoutError:
-                break
-        if self._pending:
-            return self._pending.popleft()
-        if self._exit is None:
+        chunk = await next_output(self, self._drain)
+        if chunk is None and self._exit is None:
             self._exit = await self._explain_lost_stream(parse_status(bytes(self._status_bytes)))
-        return None
+        return chunk
 
     async def _receive(self) -> None:
         message = await self._ws.receive()
