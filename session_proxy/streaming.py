@@ -8,11 +8,11 @@ slow client slows the command down instead of growing memory.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from .backends.base import ExecBackend, ExecSpec, Execution, ExitStatus, OutputChunk
@@ -31,7 +31,9 @@ FINAL_WRITE_TIMEOUT: Final = 10.0
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    # orjson writes the same bytes as json.dumps(ensure_ascii=False, separators=(",", ":")),
+    # about thirty times faster on large strings: escaping output is the streaming hot path.
+    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
 
 @dataclass
@@ -75,6 +77,9 @@ class ExecSession:
         self._tally = ExecTally()
         self._target = ""
         self._recorded = False
+        self._output_counters = {
+            stream: metrics.output_bytes.labels(stream=stream) for stream in ("stdout", "stderr")
+        }
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
 
@@ -134,33 +139,27 @@ class ExecSession:
             await execution.close()
 
     async def _pump(self, execution: Execution) -> ExitReason:
-        timeout = self._spec.timeout
-        deadline = self._started + timeout
+        deadline = self._started + self._spec.timeout
         idle = self._settings.idle_timeout
-        last_output = self._loop.time()
-        while True:
-            if self._stop_reason is not None:
-                return self._stop_reason
-            wait_until = min(deadline, last_output + idle) if idle else deadline
-            try:
-                async with asyncio.timeout_at(wait_until) as self._timer:
+        try:
+            # One timer for the whole exec, moved between the idle and the wall-clock deadline:
+            # waiting for output may be cut by either, writing to a slow client by the latter.
+            async with asyncio.timeout_at(deadline) as self._timer:
+                while self._stop_reason is None:
+                    if idle:
+                        self._timer.reschedule(min(deadline, self._loop.time() + idle))
                     chunk = await execution.next_chunk()
-            except TimeoutError:
-                return self._early_reason(deadline)
-            finally:
-                self._timer = None
-            if chunk is None:
-                return "exited"
-            last_output = self._loop.time()
-            try:
-                async with asyncio.timeout_at(deadline) as self._timer:
-                    within_limit = await self._forward(chunk)
-            except TimeoutError:
-                return self._early_reason(deadline)
-            finally:
-                self._timer = None
-            if not within_limit:
-                return "output_limit"
+                    if chunk is None:
+                        return "exited"
+                    if idle:
+                        self._timer.reschedule(deadline)
+                    if not await self._forward(chunk):
+                        return "output_limit"
+        except TimeoutError:
+            pass
+        finally:
+            self._timer = None
+        return self._early_reason(deadline)
 
     def _early_reason(self, deadline: float) -> ExitReason:
         if self._stop_reason is not None:
@@ -179,7 +178,7 @@ class ExecSession:
             tally.stdout_bytes += len(data)
         else:
             tally.stderr_bytes += len(data)
-        self._metrics.output_bytes.labels(stream=chunk.stream).inc(len(data))
+        self._output_counters[chunk.stream].inc(len(data))
         for kind, text in tally.splitters[chunk.stream].feed(data):
             await self._write({"type": chunk.stream, kind: text})
         return not tally.truncated
