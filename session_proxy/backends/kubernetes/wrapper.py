@@ -44,9 +44,15 @@ trap 'stop=deadline' USR2
 exec 3<&0
 # (exec redirections, not `{ } 2>...`: dash would keep the real stderr on a saved fd that the
 # dead-man inherits, holding the stream open.)
-( exec 2>/dev/null; head -c "$nstdin" <&3; exec >&-; { cat <&3 >/dev/null; kill -USR1 "$main"; } & ) |
-  setsid "$@" 3<&- &
-pid=$!
+if [ "$nstdin" -gt 0 ]; then
+  ( exec 2>/dev/null; head -c "$nstdin" <&3; exec >&-; { cat <&3 >/dev/null; kill -USR1 "$main"; } & ) |
+    setsid "$@" 3<&- &
+  pid=$!
+else  # no input: fewer processes, the same dead-man switch
+  setsid "$@" </dev/null 3<&- &
+  pid=$!
+  ( exec >/dev/null 2>&1; cat <&3; kill -USR1 "$main" ) &
+fi
 # From here on a report that cannot be written (the stream is gone) must not stop the clean-up.
 trap '' PIPE
 mk "pgid:$pid"
