@@ -498,6 +498,31 @@ def render(results: Results, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
+async def latency_only(sizes: Sizes) -> str:
+    """Just the round-trip table (for checking a change quickly)."""
+    work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
+    api = Spawned(
+        [sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / "kube")], work / "api.log"
+    )
+    spawned = [api]
+    try:
+        kubeconfig = Path(api.wait_for(r"kubeconfig: (\S+)").group(1))
+        proxy_kube, kube_url, _, _ = start_proxy(work, "proxy-kube", "--backend", "kubernetes", "--kubeconfig",
+                                                 str(kubeconfig), "--session-name", "demo")  # fmt: skip
+        proxy_local, local_url, _, _ = start_proxy(work, "proxy-local", "--backend", "local")
+        spawned += [proxy_kube, proxy_local]
+        results = Results()
+        async with Contenders(kubeconfig, work, kube_url, local_url).opened() as contenders:
+            await measure_latency(contenders, sizes, results)
+        lines = [f"| {n} | {statistics.median(v) * 1000:.1f} | {percentile(v, 0.99) * 1000:.1f} |"
+                 for n, v in results.latency.items()]  # fmt: skip
+        return "\n".join(["| contender | p50 ms | p99 ms |", "|---|---|---|", *lines])
+    finally:
+        for process in reversed(spawned):
+            process.stop()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
 async def main_async(sizes: Sizes, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     make_payloads(work, sizes.throughput_bytes)
@@ -554,8 +579,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--latency-only", action="store_true", help="only the round-trip table")
     arguments = parser.parse_args()
     sizes = Sizes.quick() if arguments.quick else Sizes()
+    if arguments.latency_only:
+        print(asyncio.run(latency_only(sizes)))
+        return
     print(asyncio.run(main_async(sizes, arguments.out)))
 
 

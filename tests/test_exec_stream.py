@@ -191,3 +191,16 @@ async def test_chatty_leftover_does_not_hold_the_request(
     assert (exit_event["reason"], exit_event["exit_code"]) == ("exited", 0)
     assert exit_event["duration_ms"] < 5000
     assert await survivors(marker) == []
+
+
+async def test_escaped_raw_bytes_in_argv(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+    """`\\udcff` in a JSON string is the raw byte 0xff (os.fsdecode's convention); other lone
+    surrogates are refused."""
+    body = '{"command": ["printf", "%s", "a\\udcffb"]}'
+    async with http.post(f"{proxy.url}/exec", data=body, headers={"Content-Type": "application/json"}) as response:
+        events = [json.loads(line) for line in (await response.text()).splitlines()]
+    assert output_of(events, "stdout") == b"a\xffb"
+    bad = '{"command": ["printf", "\\ud800"]}'
+    async with http.post(f"{proxy.url}/exec", data=bad, headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 422
+        assert "surrogate" in (await response.json())["error"]["message"]
