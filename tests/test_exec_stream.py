@@ -197,10 +197,11 @@ async def test_escaped_raw_bytes_in_argv(http: aiohttp.ClientSession, proxy: Run
     """`\\udcff` in a JSON string is the raw byte 0xff (os.fsdecode's convention); other lone
     surrogates are refused."""
     body = '{"command": ["printf", "%s", "a\\udcffb"]}'
-    async with http.post(f"{proxy.url}/exec", data=body, headers={"Content-Type": "application/json"}) as response:
+    headers = {"Content-Type": "application/json"}
+    async with http.post(f"{proxy.url}/exec", data=body, headers=headers) as response:
         events = [json.loads(line) for line in (await response.text()).splitlines()]
     assert output_of(events, "stdout") == b"a\xffb"
     bad = '{"command": ["printf", "\\ud800"]}'
-    async with http.post(f"{proxy.url}/exec", data=bad, headers={"Content-Type": "application/json"}) as response:
+    async with http.post(f"{proxy.url}/exec", data=bad, headers=headers) as response:
         assert response.status == 422
         assert "surrogate" in (await response.json())["error"]["message"]
