@@ -347,3 +347,16 @@ async def test_plain_http_api_server(
     finally:
         await proxy.server.stop()
         await server.stop()
+
+
+async def test_hung_exec_handshake_is_bounded(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An API server that does not answer the exec upgrade in --api-timeout gives 503 (without
+    the bound the delayed handshake would succeed and answer 200)."""
+    kube.add_pod("ws-1", labels=LABELS)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, api_timeout=0.5)
+    assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
+    kube.faults.append(Fault(path="/exec", delay=5, times=1))
+    status, error, _ = await refusal(http, proxy)
+    assert (status, error["code"]) == (503, "api_unavailable")

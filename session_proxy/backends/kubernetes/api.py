@@ -9,6 +9,7 @@ and never the token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -198,14 +199,15 @@ class KubeApi:
         for attempt in (1, 2):
             headers = {**await self._authorization(), "User-Agent": user_agent}
             try:
-                return await self._session.ws_connect(
-                    url,
-                    protocols=(V5, V4),
-                    headers=headers,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
-                    max_msg_size=0,
-                    autoping=True,
-                )
+                async with asyncio.timeout(self._settings.api_timeout):  # the handshake only
+                    return await self._session.ws_connect(
+                        url,
+                        protocols=(V5, V4),
+                        headers=headers,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+                        max_msg_size=0,
+                        autoping=True,
+                    )
             except aiohttp.WSServerHandshakeError as error:
                 if error.status == 401 and attempt == 1 and self._unauthorized():
                     continue
