@@ -241,3 +241,20 @@ async def test_unix_socket_listener_skips_host_but_not_origin(
             assert "via-unix" in await response.text()
         async with session.get("http://x/status", headers={"Origin": "http://x"}) as response:
             assert response.status == 403
+
+
+async def test_oversized_header_line_is_refused(proxy: RunningProxy) -> None:
+    """A header line over 8 KiB is refused by the parser before any handler runs."""
+    extra = "X-Padding: " + "a" * 9000 + "\n"
+    status, _, _ = await raw_request(proxy.port, post(f"Host: 127.0.0.1:{proxy.port}\n", extra=extra))
+    assert status in (400, 431)
+
+
+async def test_too_many_headers_are_refused(proxy: RunningProxy) -> None:
+    """More than 64 headers are refused by the parser."""
+    extra = "".join(f"X-H{i}: v\n" for i in range(100))
+    status, _, _ = await raw_request(proxy.port, post(f"Host: 127.0.0.1:{proxy.port}\n", extra=extra))
+    assert status in (400, 431)
+    extra = "".join(f"X-H{i}: v\n" for i in range(20))
+    status, _, _ = await raw_request(proxy.port, post(f"Host: 127.0.0.1:{proxy.port}\n", extra=extra))
+    assert status == 200
