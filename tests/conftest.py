@@ -235,13 +235,19 @@ class KubeSetup:
     pod: Any  # FakePod
 
 
+async def kube_proxy(kube: Any, make_proxy: ProxyFactory, tmp_path: Path, **overrides: Any) -> RunningProxy:
+    """A proxy on the kubernetes backend, pointed at ``kube`` through a kubeconfig."""
+    config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    values: dict[str, Any] = {
+        "backend": "kubernetes", "kubeconfig": str(config), "namespace": "default",
+        "session_name": "s1", "workspace_wait": 1, "kill_grace": 1,
+    }  # fmt: skip
+    values.update(overrides)
+    return await make_proxy(**values)
+
+
 @pytest.fixture
 async def kube_setup(kube: Any, make_proxy: ProxyFactory, tmp_path: Path) -> KubeSetup:
     """A workspace pod on the API test server, and a proxy on the kubernetes backend."""
     pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
-    proxy = await make_proxy(
-        backend="kubernetes", kubeconfig=str(config), namespace="default",
-        session_name="s1", workspace_wait=3, kill_grace=1,
-    )  # fmt: skip
-    return KubeSetup(kube, proxy, pod)
+    return KubeSetup(kube, await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3), pod)

@@ -16,6 +16,7 @@ from .conftest import (
     RunningProxy,
     exec_events,
     final,
+    kube_proxy,
     output_of,
     survivors,
     wait_for_processes,
@@ -23,16 +24,6 @@ from .conftest import (
 from .kube_api_server import Fault
 
 LABELS = {"session": "s1", "type": "workspace"}
-
-
-async def kube_proxy(kube: Any, make_proxy: ProxyFactory, tmp_path: Path, **overrides: Any) -> RunningProxy:
-    config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
-    values: dict[str, Any] = {
-        "backend": "kubernetes", "kubeconfig": str(config), "namespace": "default",
-        "session_name": "s1", "workspace_wait": 1, "kill_grace": 1,
-    }  # fmt: skip
-    values.update(overrides)
-    return await make_proxy(**values)
 
 
 async def refusal(http: aiohttp.ClientSession, proxy: RunningProxy) -> tuple[int, dict[str, Any], str | None]:

@@ -19,6 +19,7 @@ from .conftest import (
     exec_events,
     final,
     forking,
+    kube_proxy,
     output_of,
     survivors,
     wait_for_processes,
@@ -52,10 +53,7 @@ async def test_idle_timeout(http: aiohttp.ClientSession, kube: Any, make_proxy: 
                             tmp_path: Path, marker: str) -> None:  # fmt: skip
     """A silent command ends with idle_timeout and leaves nothing behind."""
     kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    proxy = await make_proxy(
-        backend="kubernetes", kubeconfig=str(kube.write_kubeconfig(tmp_path / "kc", TOKEN)),
-        namespace="default", session_name="s1", idle_timeout=1, kill_grace=1,
-    )  # fmt: skip
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, idle_timeout=1)
     events = await exec_events(http, proxy, {"command": forking(marker, "echo hi; "), "timeout": 60})
     assert output_of(events, "stdout") == b"hi\n"
     assert final(events)["reason"] == "idle_timeout"
@@ -66,10 +64,7 @@ async def test_output_limit(http: aiohttp.ClientSession, kube: Any, make_proxy: 
                            tmp_path: Path, marker: str) -> None:  # fmt: skip
     """Output past the cap is cut exactly there and the group is ended."""
     kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    proxy = await make_proxy(
-        backend="kubernetes", kubeconfig=str(kube.write_kubeconfig(tmp_path / "kc", TOKEN)),
-        namespace="default", session_name="s1", max_output_bytes=50_000, kill_grace=1,
-    )  # fmt: skip
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, max_output_bytes=50_000)
     script = f"sleep {marker} & while :; do echo yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy; done"
     events = await exec_events(http, proxy, {"command": ["sh", "-c", script], "timeout": 60})
     assert final(events)["reason"] == "output_limit"

@@ -171,14 +171,18 @@ class KubeApi:
                         raise self._error(response.status, body, path)
                     return body
             except (aiohttp.ClientError, TimeoutError) as error:
-                self._on_error("unreachable")
-                raise KubeApiError(
-                    None, f"cannot reach the API server: {error or type(error).__name__}"
-                ) from None
+                raise self._unreachable(error) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _error(self, status: int, body: str, what: str) -> KubeApiError:
+    def _unreachable(self, error: Exception) -> KubeApiError:
+        self._on_error("unreachable")
+        return KubeApiError(None, f"cannot reach the API server: {error or type(error).__name__}")
+
+    def _count_status(self, status: int) -> None:
         self._on_error(str(status) if status in (401, 403, 404, 409, 429) else f"{status // 100}xx")
+
+    def _error(self, status: int, body: str, what: str) -> KubeApiError:
+        self._count_status(status)
         try:
             document = json.loads(body)
             message, reason = str(document.get("message", "")), str(document.get("reason", ""))
@@ -211,15 +215,10 @@ class KubeApi:
             except aiohttp.WSServerHandshakeError as error:
                 if error.status == 401 and attempt == 1 and self._unauthorized():
                     continue
-                self._on_error(
-                    str(error.status) if error.status in (401, 403, 404) else f"{error.status // 100}xx"
-                )
+                self._count_status(error.status)
                 raise KubeApiError(error.status, _handshake_message(error.status), "Handshake") from None
             except (aiohttp.ClientError, TimeoutError) as error:
-                self._on_error("unreachable")
-                raise KubeApiError(
-                    None, f"cannot reach the API server: {error or type(error).__name__}"
-                ) from None
+                raise self._unreachable(error) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
 
