@@ -78,6 +78,12 @@ class ProxyServer:
             self.exec_url = f"unix:{address.path}"
             return
         assert isinstance(address, TcpAddress)
+        if not address.is_loopback:
+            log.warning(
+                "the exec API listens on a non-loopback address: anyone who reaches it can run "
+                "commands (--unsafe-listen-any-address)",
+                extra={"listen": self.settings.listen},
+            )
         await web.TCPSite(runner, address.host, address.port).start()
         self.exec_url = _url(runner.addresses[-1])
 

@@ -284,10 +284,12 @@ def in_cluster(kube: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
 
 
 async def test_token_rotation_mid_session(
-    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, in_cluster: dict[str, Any]
-) -> None:
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, in_cluster: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     """The kubelet rotates the token file and the old token stops working: the proxy re-reads
     the file on the 401 and goes on; the token never shows in logs, events or metrics."""
+    caplog.set_level("DEBUG")
     kube.add_pod("ws-1", labels=LABELS)
     proxy = await make_proxy(**in_cluster)
     assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
@@ -303,9 +305,10 @@ async def test_token_rotation_mid_session(
         metrics = await response.text()
     async with http.get(f"{proxy.url}/status") as response:
         status_text = await response.text()
-    for text in (metrics, status_text, json.dumps(events)):
+    for text in (metrics, status_text, json.dumps(events), caplog.text):
         assert "token-b" not in text
         assert TOKEN not in text
+        assert "Bearer " not in text
 
 
 async def test_in_cluster_without_service_host_stops_start_up(
