@@ -93,6 +93,7 @@ class KubernetesBackend:
             kill_group=lambda pgid, grace: self._kill_group(workspace, pgid, grace, spec.exec_id),
             explain_lost_stream=lambda status: self._explain_lost_stream(workspace, status),
             stdin=header + (spec.stdin or b""),
+            program=spec.argv[0],
         )
 
     async def _start_bare(self, spec: ExecSpec, workspace: Workspace, target: str) -> KubernetesExecution:

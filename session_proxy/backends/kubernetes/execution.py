@@ -70,8 +70,10 @@ class KubernetesExecution:
         kill_group: Callable[[int, float], Awaitable[None]],
         explain_lost_stream: Callable[[ExitStatus | None], Awaitable[ExitStatus]],
         stdin: bytes | None,
+        program: str = "",
     ) -> None:
         self.target = target
+        self._program = program
         self.guarantees = guarantees
         self._ws = websocket
         self._filter = MarkerFilter(nonce) if nonce else None
@@ -149,8 +151,15 @@ class KubernetesExecution:
             self._exit_reported = True
         elif marker.kind == "error":
             self._exit_reported = True
-            message = WORKDIR_ERROR if marker.value == "workdir" else "environment could not be set"
-            self._exit = ExitStatus(None, reason="error", message=message)
+            self._exit = self._wrapper_error(marker.value)
+
+    def _wrapper_error(self, what: str) -> ExitStatus:
+        if what == "notfound":
+            # As a shell would say it: 127, the command was not found.
+            message = f"program {self._program!r} was not found in the workspace image"
+            return ExitStatus(127, reason="error", message=message)
+        message = WORKDIR_ERROR if what == "workdir" else "the environment could not be set"
+        return ExitStatus(None, reason="error", message=message)
 
     def exit_status(self) -> ExitStatus:
         assert self._exit is not None

@@ -35,6 +35,7 @@ while [ "$n" -gt 0 ]; do r e; d "$e"; export "$v" || { mk error:env; exit 0; }; 
 r n; set --
 while [ "$n" -gt 0 ]; do r e; d "$e"; set -- "$@" "$v"; n=$((n-1)); done
 if [ -n "$wd" ]; then d "$wd"; cd "$v" 2>/dev/null || { mk error:workdir; exit 0; }; fi
+command -v "$1" >/dev/null 2>&1 || { mk error:notfound; exit 0; }
 main=$$ stop=
 trap 'stop=gone' USR1
 trap 'stop=deadline' USR2
