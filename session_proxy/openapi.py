@@ -98,6 +98,27 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(StatusResponse, "Current state"), **guarded},
                 }
             },
+            "/logs": {
+                "get": {
+                    "summary": "The workspace container's log (kubernetes backend)",
+                    "parameters": [
+                        {
+                            "name": "tail",
+                            "in": "query",
+                            "description": "how many lines from the end (0-10000, default 100)",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 10000},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The log lines",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "404": _json(ErrorBody, "This backend has no workspace log (local)"),
+                        **_error_responses("403", "422", "502", "503"),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

@@ -305,7 +305,9 @@ async def test_token_rotation_mid_session(
         metrics = await response.text()
     async with http.get(f"{proxy.url}/status") as response:
         status_text = await response.text()
-    for text in (metrics, status_text, json.dumps(events), caplog.text):
+    workspace_env = await exec_events(http, proxy, {"command": ["env"]})
+    assert final(workspace_env)["exit_code"] == 0
+    for text in (metrics, status_text, json.dumps(events), caplog.text, json.dumps(workspace_env)):
         assert "token-b" not in text
         assert TOKEN not in text
         assert "Bearer " not in text

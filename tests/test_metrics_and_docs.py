@@ -73,7 +73,7 @@ async def test_openapi_document_is_valid_and_complete(
     async with http.get(f"{proxy.url}/openapi.json") as response:
         document = await response.json()
     validate(document)
-    assert set(document["paths"]) == {"/exec", "/status", "/healthz", "/openapi.json"}
+    assert set(document["paths"]) == {"/exec", "/status", "/logs", "/healthz", "/openapi.json"}
     exec_responses = document["paths"]["/exec"]["post"]["responses"]
     assert set(exec_responses) == {"200", "400", "403", "413", "415", "422", "429", "502", "503"}
     schemas = document["components"]["schemas"]
@@ -112,3 +112,15 @@ async def test_one_log_line_per_exec_with_digest(
         assert "s3cret-argument" not in caplog.text
     else:
         assert record["argv"] == ["echo", "s3cret-argument"]
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """Each setting's flag appears in the README's configuration table (names are public)."""
+    from pathlib import Path
+
+    from session_proxy.settings import Settings, flag_name
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## Metrics")]
+    missing = [flag_name(name) for name in Settings.model_fields if f"`{flag_name(name)}`" not in table]
+    assert missing == []
