@@ -108,8 +108,8 @@ class ExecSession:
             self._record()
 
     async def _stream(self, execution: Execution) -> web.StreamResponse:
-        response = await self._prepare()
         try:
+            response = await self._prepare()
             await response.write(encode_event(self._start_event(execution)))
             reason = await self._pump(execution)
         except (asyncio.CancelledError, ConnectionError):
