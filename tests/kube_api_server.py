@@ -66,6 +66,8 @@ class FakePod:
     phase: str = "Running"
     ready: bool = True
     container_running: bool = True
+    # The kubelet has lost the container although the pod still reports it running (a race).
+    container_gone: bool = False
     waiting_reason: str | None = None
     deleting: bool = False
     owner_references: list[dict[str, Any]] = field(default_factory=list)
@@ -429,7 +431,7 @@ class KubeApiServer:
         chosen = next((p for p in offered if p in supported), None)
         if chosen is None:
             return web.Response(status=403)  # the handshake rejects: empty body
-        if not pod.container_running and chosen == V4:
+        if (not pod.container_running or pod.container_gone) and chosen == V4:
             return web.Response(status=500, text=f'container not found ("{container}")')
         ws = web.WebSocketResponse(protocols=(chosen,), max_msg_size=0)
         await ws.prepare(request)
@@ -486,7 +488,7 @@ class ExecSession:
     async def run(self, container: str) -> None:
         with contextlib.suppress(ConnectionError):
             await self.ws.send_bytes(b"\x01" if self.streams["stdout"] else b"\x02")
-        if not self.pod.container_running:  # v5 path: the translator reports after the upgrade
+        if not self.pod.container_running or self.pod.container_gone:  # v5: reported after the upgrade
             message = f'unable to upgrade connection: container not found ("{container}")'
             await self.status(internal_error(message))
             return

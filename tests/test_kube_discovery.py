@@ -356,3 +356,30 @@ async def test_hung_exec_handshake_is_bounded(
     kube.faults.append(Fault(path="/exec", delay=5, times=1))
     status, error, _ = await refusal(http, proxy)
     assert (status, error["code"]) == (503, "api_unavailable")
+
+
+async def test_container_lost_after_discovery(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The pod says its container runs but the kubelet cannot find it: a clear not-ready answer
+    (v4: HTTP 500 at the upgrade; v5: a status after it), never "no /bin/sh" or a fake exit;
+    once the container is back, execs run again."""
+    pod = kube.add_pod("ws-1", labels=LABELS, container_gone=True)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path)
+    status, error, retry = await refusal(http, proxy)
+    assert (status, error["code"]) == (503, "workspace_not_ready")
+    assert "not found" in error["message"]
+    assert retry is not None
+    pod.container_gone = False
+    events = await exec_events(http, proxy, {"command": ["echo", "back"]})
+    assert events[0]["guarantees"]["kill"] is True  # the image was not taken for shell-less
+    assert output_of(events, "stdout") == b"back\n"
+    pod.container_gone = True  # lost again, after the image probe is cached
+    async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as response:
+        body = await response.text()
+    if kube.mode == "old":
+        assert response.status == 503
+    else:
+        exit_event = json.loads(body.splitlines()[-1])
+        assert (exit_event["reason"], exit_event["exit_code"]) == ("error", None)
+        assert "container not found" in exit_event["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 BACKSTOP_MARGIN: Final = 5
 PROBE_TIMEOUT: Final = 30.0
 NO_GUARANTEES: Final = Guarantees(workdir=False, env=False, stdin=False, kill=False)
+# How runtimes say that the program of an exec does not exist (runc/crun wording).
+_EXEC_NOT_FOUND: Final = re.compile(r"executable file not found|no such file or directory", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -191,10 +194,13 @@ class KubernetesBackend:
             return cached
         output, status = await self._run_small(workspace, PROBE_SCRIPT, b"")
         if status is not None and status.reason == "error":
-            if "not found" in (status.message or "") or "no such file" in (status.message or ""):
-                tools = ImageTools(has_shell=False, missing=())
-            else:
-                raise BackendFailure(f"cannot inspect the workspace image: {status.message}")
+            message = status.message or ""
+            if "container not found" in message:  # the pod outran discovery: not cached
+                self._locator.forget()
+                raise NotReady(f"workspace not ready: {message}", retry_after=2, code="workspace_not_ready")
+            if SHELL not in message or not _EXEC_NOT_FOUND.search(message):
+                raise BackendFailure(f"cannot inspect the workspace image: {message}")
+            tools = ImageTools(has_shell=False, missing=())
         else:
             tools = ImageTools(has_shell=True, missing=tuple(output.decode(errors="replace").split()))
         if tools.missing or not tools.has_shell:
