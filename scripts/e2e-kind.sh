@@ -29,7 +29,12 @@ kubectl kustomize manifests \
 kubectl wait -n "$namespace" --for=condition=Ready pod/workspace-demo pod/runner-demo --timeout=180s
 
 agent() { kubectl exec -n "$namespace" runner-demo -c agent -- "$@"; }
-exec_json() { agent curl -sS -N http://127.0.0.1:8081/exec -H 'Content-Type: application/json' -d "$1"; }
+# The agent sends the proxy's bearer token from the shared file, as its tools would.
+# shellcheck disable=SC2016  # expanded by the agent container's shell
+exec_json() {
+  agent sh -c 'curl -sS -N http://127.0.0.1:8081/exec -H "Content-Type: application/json" \
+    -H "Authorization: Bearer $(cat "$SESSION_PROXY_AUTH_TOKEN_FILE")" -d "$1"' sh "$1"
+}
 
 echo "1. a command's output and exit code"
 out=$(exec_json '{"command":["sh","-c","echo hello; exit 3"]}')
@@ -55,7 +60,11 @@ if agent ls /var/run/secrets/kubernetes.io/serviceaccount/token 2>/dev/null; the
   echo "the agent container has a token"; exit 1
 fi
 
-echo "5. metrics on the ops port"
+echo "5. without the bearer token the exec API refuses"
+code=$(agent curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8081/status)
+[ "$code" = 401 ] || { echo "expected 401 without the token, got $code"; exit 1; }
+
+echo "6. metrics on the ops port"
 kubectl get --raw "/api/v1/namespaces/$namespace/pods/runner-demo:9464/proxy/metrics" \
   | grep -q 'session_proxy_exec_requests_total'
 

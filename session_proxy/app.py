@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import handlers
+from . import auth, handlers
 from .backends.base import ExecBackend
 from .guards import SECURITY_HEADERS, json_errors, local_only
-from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
+from .keys import ADMISSION, AUTH_TOKEN, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
 from .limits import Admission
 from .metrics import Metrics
 from .settings import Settings
@@ -36,6 +36,11 @@ def build_backend(settings: Settings, metrics: Metrics) -> ExecBackend:
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     # The rate limiter binds to the running loop, so it is made here, not at import or build.
     app[ADMISSION] = Admission(app[SETTINGS])
+    token_file = app[SETTINGS].auth_token_file
+    try:
+        app[AUTH_TOKEN] = auth.load_or_create(token_file) if token_file else ""
+    except (OSError, ValueError) as error:
+        raise BackendUnavailable(f"auth_token_file: {error}") from error
     try:
         await app[BACKEND].open()
     except Exception as error:

@@ -23,6 +23,7 @@ from .models import EVENT_ADAPTER, ExitEvent, OutputEvent, StartEvent, WaitingEv
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 URL_VARIABLE = "SESSION_PROXY_URL"
+TOKEN_FILE_VARIABLE = "SESSION_PROXY_AUTH_TOKEN_FILE"  # noqa: S105 (a variable name)
 ExecEvent = StartEvent | WaitingEvent | OutputEvent | ExitEvent
 
 
@@ -51,16 +52,32 @@ def default_url() -> str:
     return os.environ.get(URL_VARIABLE) or DEFAULT_URL
 
 
+def default_token() -> str | None:
+    """The proxy's shared secret, when SESSION_PROXY_AUTH_TOKEN_FILE names its file."""
+    path = os.environ.get(TOKEN_FILE_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip() or None
+    except OSError as error:
+        raise ProxyClientError(f"cannot read the proxy token from {path}: {error.strerror}") from None
+
+
 class ExecClient:
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, token: str | None = None) -> None:
         url = url or default_url()
+        token = token or default_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         connector: aiohttp.BaseConnector | None = None
         if url.startswith("unix:"):
             connector = aiohttp.UnixConnector(path=url.removeprefix("unix:"))
             url = "http://localhost"
         self._base = url.rstrip("/")
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
 
     async def __aenter__(self) -> ExecClient:

@@ -2,6 +2,7 @@
 
     ProxyError
     ├── MalformedRequest        400 malformed_request
+    ├── auth.Unauthorized       401 unauthorized (with --auth-token-file)
     ├── GuardRefused            403 forbidden
     ├── NotFound                404 not_found
     ├── MethodNotAllowed        405 method_not_allowed

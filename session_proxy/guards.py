@@ -14,6 +14,7 @@ from typing import Final
 
 from aiohttp import web
 
+from .auth import check_bearer
 from .errors import (
     BodyTooLarge,
     GuardRefused,
@@ -21,7 +22,7 @@ from .errors import (
     NotFound,
     ProxyError,
 )
-from .keys import METRICS
+from .keys import AUTH_TOKEN, METRICS
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,7 +117,10 @@ def _check_not_browser(request: web.Request) -> None:
 
 @web.middleware
 async def local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse DNS-rebound and browser-originated requests before any handler runs."""
+    """Refuse DNS-rebound, browser-originated and (when configured) unauthenticated requests."""
     _check_host(request)
     _check_not_browser(request)
+    token = request.app.get(AUTH_TOKEN, "")
+    if token:
+        check_bearer(request.headers.get("Authorization"), token)
     return await handler(request)

@@ -16,3 +16,4 @@ METRICS = web.AppKey("metrics", Metrics)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 ADMISSION = web.AppKey("admission", Admission)
 EXEC_APP = web.AppKey("exec_app", web.Application)
+AUTH_TOKEN = web.AppKey("auth_token", str)  # empty: no token required

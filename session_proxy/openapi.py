@@ -23,6 +23,7 @@ from .models import (
 REF = "#/components/schemas/{model}"
 ERRORS = {
     "400": "Body is not valid JSON (malformed_request)",
+    "401": "No or wrong bearer token, when --auth-token-file is set (unauthorized)",
     "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-* (bad_host, browser_request)",
     "413": "Body larger than the configured maximum (body_too_large)",
     "415": "Content-Type not application/json, or any Content-Encoding (unsupported_media_type)",
@@ -61,7 +62,7 @@ def openapi_document() -> dict[str, Any]:
     schemas = schema["$defs"]
     event_union = {"oneOf": [_ref(m) for m in (StartEvent, WaitingEvent, OutputEvent, ExitEvent)]}
     schemas["ExecEvent"] = {**event_union, "discriminator": {"propertyName": "type"}}
-    guarded = _error_responses("403")
+    guarded = _error_responses("401", "403")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -88,7 +89,7 @@ def openapi_document() -> dict[str, Any]:
                                 "application/x-ndjson": {"schema": {"$ref": REF.format(model="ExecEvent")}}
                             },
                         },
-                        **_error_responses("400", "403", "413", "415", "422", "429", "502", "503"),
+                        **_error_responses("400", "401", "403", "413", "415", "422", "429", "502", "503"),
                     },
                 }
             },
@@ -115,7 +116,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
                         "404": _json(ErrorBody, "This backend has no workspace log (local)"),
-                        **_error_responses("403", "422", "502", "503"),
+                        **_error_responses("401", "403", "422", "502", "503"),
                     },
                 }
             },

@@ -83,6 +83,11 @@ class Settings(BaseModel):
         False, description="allow a non-loopback exec API address (exposes command execution)"
     )
     unix_socket_mode: int = Field(0o660, ge=0, le=0o777, description="permissions of a unix socket")
+    auth_token_file: str | None = Field(
+        None,
+        description="require 'Authorization: Bearer <token>' from this file on the exec API "
+        "(the file is created with a random token if missing)",
+    )
 
     # Backend
     backend: Literal["kubernetes", "local"] = Field(

@@ -185,9 +185,29 @@ def proxy_wiring_matches_defaults(objects: Objects) -> list[str]:
                 problems.append(f"pod {name}: {container['name']} has SESSION_PROXY_URL={url}")
         if not any("SESSION_PROXY_URL" in _env(c) for c in pod["spec"].get("containers") or []):
             problems.append(f"pod {name}: the agent is not told SESSION_PROXY_URL")
+        problems += _shared_token_problems(pod, sidecar)
         annotations = pod["metadata"].get("annotations") or {}
         if annotations.get("prometheus.io/port") != str(ops_port):
             problems.append(f"pod {name}: Prometheus does not scrape port {ops_port}")
+    return problems
+
+
+def _shared_token_problems(pod: dict[str, Any], sidecar: dict[str, Any]) -> list[str]:
+    """The sidecar's bearer-token file reaches each client container, read-only."""
+    name = pod["metadata"]["name"]
+    token_file = (_env(sidecar).get("SESSION_PROXY_AUTH_TOKEN_FILE") or {}).get("value")
+    if not token_file:
+        return [f"pod {name}: the sidecar does not require a bearer token (SESSION_PROXY_AUTH_TOKEN_FILE)"]
+    directory = token_file.rsplit("/", 1)[0]
+    problems = []
+    for container in pod["spec"].get("containers") or []:
+        if "SESSION_PROXY_URL" not in _env(container):
+            continue
+        if (_env(container).get("SESSION_PROXY_AUTH_TOKEN_FILE") or {}).get("value") != token_file:
+            problems.append(f"pod {name}: {container['name']} is not told the token file {token_file}")
+        mounts = [m for m in container.get("volumeMounts") or [] if m["mountPath"] == directory]
+        if not mounts or not all(m.get("readOnly") for m in mounts):
+            problems.append(f"pod {name}: {container['name']} does not mount {directory} read-only")
     return problems
 
 

@@ -84,6 +84,10 @@ def _isolation(objects: Objects) -> dict[str, Any]:
     return next(o for o in objects if o["metadata"]["name"] == "workspace-isolation")
 
 
+def _drop_env(container: dict[str, Any], name: str) -> None:
+    container["env"] = [e for e in container["env"] if e["name"] != name]
+
+
 Mutation = Callable[[Objects], None]
 MUTATIONS: list[tuple[str, str, Mutation]] = [
     ("token_only_in_sidecar", "pod-level automount turned on",
@@ -122,11 +126,17 @@ MUTATIONS: list[tuple[str, str, Mutation]] = [
     ("proxy_wiring_matches_defaults", "probe on the wrong port",
      lambda o: _sidecar(o)["readinessProbe"]["httpGet"].update(port=8081)),
     ("proxy_wiring_matches_defaults", "no POD_NAMESPACE",
-     lambda o: _sidecar(o).update(env=[e for e in _sidecar(o)["env"] if e["name"] != "POD_NAMESPACE"])),
+     lambda o: _drop_env(_sidecar(o), "POD_NAMESPACE")),
     ("proxy_wiring_matches_defaults", "agent pointed at another port",
      lambda o: _agent(o)["env"][0].update(value="http://127.0.0.1:9464")),
     ("proxy_wiring_matches_defaults", "sidecar as a plain init container",
      lambda o: _sidecar(o).pop("restartPolicy")),
+    ("proxy_wiring_matches_defaults", "agent not told the token file",
+     lambda o: _drop_env(_agent(o), "SESSION_PROXY_AUTH_TOKEN_FILE")),
+    ("proxy_wiring_matches_defaults", "agent may write the token file",
+     lambda o: _agent(o)["volumeMounts"][0].pop("readOnly")),
+    ("proxy_wiring_matches_defaults", "sidecar requires no token",
+     lambda o: _drop_env(_sidecar(o), "SESSION_PROXY_AUTH_TOKEN_FILE")),
     ("workspace_is_isolated", "ingress allowed",
      lambda o: _isolation(o)["spec"].update(ingress=[{}])),
     ("workspace_is_isolated", "metadata address reachable",
