@@ -137,12 +137,15 @@ async def _refusal(response: aiohttp.ClientResponse) -> ProxyRefused:
 
 
 async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[ExecEvent]:
-    # Split lines ourselves: an event line may exceed aiohttp's readline limit.
-    buffer = b""
+    # Split lines ourselves: an event line may exceed aiohttp's readline limit. The pending
+    # bytes are only split when a line end has arrived, so a long line is scanned once.
+    pending = bytearray()
     ended = False
     async for data in response.content.iter_any():
-        buffer += data
-        *lines, buffer = buffer.split(b"\n")
+        pending += data
+        if b"\n" not in data:
+            continue
+        *lines, pending = pending.split(b"\n")
         for line in lines:
             event: ExecEvent = EVENT_ADAPTER.validate_json(line)
             ended = isinstance(event, ExitEvent)

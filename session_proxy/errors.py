@@ -18,18 +18,20 @@ Errors after streaming has started travel in-band, as the final ``exit`` event.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 
 class ProxyError(Exception):
-    status: ClassVar[int] = 500
+    status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status = status
 
     def detail(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message}

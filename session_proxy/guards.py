@@ -45,9 +45,7 @@ def _from_http_exception(exception: web.HTTPException) -> ProxyError:
         return MethodNotAllowed(f"method not allowed here: {exception.text or ''}".strip())
     if exception.status == 413:
         return BodyTooLarge("request body is larger than the configured --max-body-bytes")
-    error = ProxyError(exception.reason, code="http_error")
-    error.status = exception.status  # type: ignore[misc]
-    return error
+    return ProxyError(exception.reason, code="http_error", status=exception.status)
 
 
 @web.middleware

@@ -39,10 +39,6 @@ class Admission:
             self._limiter = AsyncLimiter(settings.rate_burst, period)
             self._retry_after = 1 / settings.rate_limit
 
-    @property
-    def active(self) -> int:
-        return self._active
-
     async def admit(self) -> Slot:
         """Take a concurrency slot, then a rate token; raise ``TooManyRequests`` if either is short."""
         if self._active >= self.max_concurrent:

@@ -56,14 +56,12 @@ class KubernetesBackend:
         self._api = KubeApi(settings, self._count_error)
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[str, ImageTools] = {}
-        self._opened = False
 
     def _count_error(self, kind: str) -> None:
         self._metrics.kubernetes_api_errors.labels(kind=kind).inc()
 
     async def open(self) -> None:
         await self._api.open()
-        self._opened = True
 
     async def close(self) -> None:
         await self._api.close()
