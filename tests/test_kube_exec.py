@@ -218,3 +218,13 @@ async def test_chatty_leftover_does_not_hold_the_request(
     )
     assert (final(events)["reason"], final(events)["exit_code"]) == ("exited", 0)
     assert await survivors(marker) == []
+
+
+async def test_stderr_ending_like_a_marker_start_is_kept(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """Bytes held back because they could begin a marker reach the client byte for byte."""
+    script = r"printf 'x\036' >&2; printf '\036SP' >&2; exit 2"
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    assert output_of(events, "stderr") == b"x\x1e\x1eSP"
+    assert final(events)["exit_code"] == 2

@@ -121,6 +121,9 @@ class KubernetesExecution:
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
                 return
             self._stream_over = True  # CLOSE, CLOSED, ERROR: the stream is over
+            held = self._filter.flush() if self._filter else b""
+            if held:  # bytes kept back in case they began a marker: they were the command's
+                self._pending.append(OutputChunk("stderr", held))
             return
         data: bytes = message.data
         if len(data) < 2:
