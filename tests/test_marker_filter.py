@@ -44,5 +44,6 @@ def test_header_escapes_every_byte() -> None:
                            stdin_length=3, deadline=10, grace=2)  # fmt: skip
     assert header.isascii()
     assert header.decode().splitlines() == [
-        "SP1", NONCE, "10", "2", "3", escape(b"/w"), "1", escape(b"K=v"), "2", escape(b"a b"), escape(b"\xff"),
+        "SP1", NONCE, "10", "2", "3", escape(b"/w"),
+        "1", escape(b"K=v"), "2", escape(b"a b"), escape(b"\xff"),
     ]  # fmt: skip
