@@ -76,6 +76,7 @@ class FakePod:
     log_lines: list[str] = field(default_factory=list)
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
     shell: str | None = None  # a /bin/sh replacement (dash, busybox) for this "image"
+    path: str = FAKE_PATH  # the image's PATH: what programs it has
 
     def manifest(self) -> dict[str, Any]:
         state: dict[str, Any]
@@ -505,7 +506,7 @@ class ExecSession:
                 stderr=asyncio.subprocess.PIPE if self.streams["stderr"] else asyncio.subprocess.DEVNULL,
                 cwd=self.pod.root,
                 env={
-                    "PATH": FAKE_PATH,
+                    "PATH": self.pod.path,
                     "HOME": "/root",
                     "HOSTNAME": self.pod.name,
                     "FAKE_POD_UID": self.pod.uid,

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -228,3 +229,24 @@ async def test_stderr_ending_like_a_marker_start_is_kept(
     events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
     assert output_of(events, "stderr") == b"x\x1e\x1eSP"
     assert final(events)["exit_code"] == 2
+
+
+async def test_image_without_setsid_degrades_and_says_so(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, tmp_path: Path, marker: str
+) -> None:
+    """An image with a shell but no setsid still runs commands; the start event says kill is
+    not guaranteed, and a timeout still ends the command itself."""
+    bin_dir = tmp_path / "image-bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "head", "cat", "sleep", "env"):
+        target = shutil.which("dash" if tool == "sh" else tool)
+        assert target
+        (bin_dir / tool).symlink_to(target)
+    kube_setup.pod.path = str(bin_dir)
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "echo hi; exit 3"]})
+    assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": False}
+    assert output_of(events, "stdout") == b"hi\n"
+    assert final(events)["exit_code"] == 3
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sleep", marker], "timeout": 1})
+    assert final(events)["reason"] == "timeout"
+    assert await survivors(marker) == []

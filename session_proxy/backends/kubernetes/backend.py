@@ -167,10 +167,10 @@ class KubernetesBackend:
             raise self._api_failure(error) from None
 
     async def _run_small(
-        self, workspace: Workspace, script: str, stdin: bytes
+        self, workspace: Workspace, script: str, stdin: bytes, exec_id: str
     ) -> tuple[bytes, ExitStatus | None]:
         """Run a short fixed script to completion; its stdout and its status."""
-        websocket = await self._open(workspace, [SHELL, "-c", script], "internal", stdin=bool(stdin))
+        websocket = await self._open(workspace, [SHELL, "-c", script], exec_id, stdin=bool(stdin))
         output, status = bytearray(), bytearray()
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
@@ -190,7 +190,7 @@ class KubernetesBackend:
         cached = self._tools.get(workspace.uid)
         if cached is not None:
             return cached
-        output, status = await self._run_small(workspace, PROBE_SCRIPT, b"")
+        output, status = await self._run_small(workspace, PROBE_SCRIPT, b"", "probe")
         if status is not None and status.reason == "error":
             message = status.message or ""
             if "container not found" in message:  # the pod outran discovery: not cached
@@ -212,7 +212,7 @@ class KubernetesBackend:
     async def _kill_group(self, workspace: Workspace, pgid: int, grace: float, exec_id: str) -> None:
         """The second exec: TERM the group, wait up to the grace, then KILL."""
         stdin = f"{pgid}\n{math.ceil(grace)}\n".encode()
-        await self._run_small(workspace, KILL_SCRIPT, stdin)
+        await self._run_small(workspace, KILL_SCRIPT, stdin, f"{exec_id}-kill")
 
     async def _explain_lost_stream(self, workspace: Workspace, status: ExitStatus | None) -> ExitStatus:
         if status is not None and status.reason == "error":

@@ -43,14 +43,17 @@ trap 'stop=deadline' USR2
 # The feeder hands the command exactly nstdin bytes, then leaves the dead-man switch behind
 # (outside the job, so `wait` is about the command alone): EOF on our stdin ends the group.
 exec 3<&0
+# Without setsid (a rare image) the command runs in our group: only it can be killed, not its
+# children; the start event then says kill is not guaranteed.
+S=setsid; command -v setsid >/dev/null 2>&1 || S=
 # (exec redirections, not `{ } 2>...`: dash would keep the real stderr on a saved fd that the
 # dead-man inherits, holding the stream open.)
 if [ "$nstdin" -gt 0 ]; then
   ( exec 2>/dev/null; head -c "$nstdin" <&3; exec >&-; { cat <&3 >/dev/null; kill -USR1 "$main"; } & ) |
-    setsid "$@" 3<&- &
+    $S "$@" 3<&- &
   pid=$!
 else  # no input: fewer processes, the same dead-man switch
-  setsid "$@" </dev/null 3<&- &
+  $S "$@" </dev/null 3<&- &
   pid=$!
   ( exec >/dev/null 2>&1; cat <&3; kill -USR1 "$main" ) &
 fi
@@ -62,9 +65,10 @@ mk "pgid:$pid"
 timer=$!
 # Spelled for dash too: its kill takes `-s SIG -- -PGID` and `-0 -PGID`, not `-TERM -- -PGID`.
 end() {
-  kill -s TERM -- "-$pid" 2>/dev/null; i=0
-  while kill -0 "-$pid" 2>/dev/null && [ "$i" -lt "$grace" ]; do sleep 1; i=$((i+1)); done
-  kill -s KILL -- "-$pid" 2>/dev/null
+  t=-$pid; [ -n "$S" ] || t=$pid
+  kill -s TERM -- "$t" 2>/dev/null; i=0
+  while kill -0 "$t" 2>/dev/null && [ "$i" -lt "$grace" ]; do sleep 1; i=$((i+1)); done
+  kill -s KILL -- "$t" 2>/dev/null
 }
 wait "$pid"; st=$?
 if [ -n "$stop" ]; then end; wait "$pid"; st=$?; mk "$stop"; fi
@@ -83,10 +87,12 @@ PROBE_SCRIPT: Final = (
 KILL_SCRIPT: Final = r"""
 IFS= read -r p; IFS= read -r g
 case "$p" in ''|*[!0-9]*) exit 2;; esac
-kill -s TERM -- "-$p" 2>/dev/null || exit 0
+t=-$p
+kill -0 "$t" 2>/dev/null || t=$p  # not a group: the image had no setsid
+kill -s TERM -- "$t" 2>/dev/null || exit 0
 i=0
-while kill -0 "-$p" 2>/dev/null && [ "$i" -lt "$g" ]; do sleep 1; i=$((i+1)); done
-kill -s KILL -- "-$p" 2>/dev/null
+while kill -0 "$t" 2>/dev/null && [ "$i" -lt "$g" ]; do sleep 1; i=$((i+1)); done
+kill -s KILL -- "$t" 2>/dev/null
 exit 0
 """
 
