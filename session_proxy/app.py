@@ -73,6 +73,7 @@ def create_app(
     app[BACKEND] = backend or build_backend(settings, app[METRICS])
     app[SUPERVISOR] = Supervisor()
     app[METRICS].describe_build(app[BACKEND].name)
+    app[METRICS].in_flight_limit.set(settings.max_concurrent)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_no_caching)
     app.router.add_post("/exec", handlers.post_exec)

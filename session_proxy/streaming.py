@@ -110,6 +110,8 @@ class ExecSession:
     async def _stream(self, execution: Execution) -> web.StreamResponse:
         try:
             response = await self._prepare()
+            # Every exec opens its own stream today; warm (pre-opened) execs will say "warm".
+            self._metrics.exec_start_latency.labels(path="cold").observe(self._loop.time() - self._started)
             await response.write(encode_event(self._start_event(execution)))
             reason = await self._pump(execution)
         except (asyncio.CancelledError, ConnectionError):

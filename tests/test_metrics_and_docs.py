@@ -40,6 +40,9 @@ async def test_metrics_after_a_few_execs(http: aiohttp.ClientSession, make_proxy
     assert values[("session_proxy_exec_duration_seconds_count", ())] == 4
     assert values[("session_proxy_rejections_total", (("reason", "invalid_request"),))] == 1
     assert values[("session_proxy_exec_in_flight", ())] == 0
+    assert values[("session_proxy_exec_in_flight_limit", ())] == 10
+    assert values[("session_proxy_exec_start_latency_seconds_count", (("path", "cold"),))] == 4
+    assert values[("session_proxy_exec_start_latency_seconds_count", (("path", "warm"),))] == 0
     assert values[("session_proxy_workspace_ready", ())] == 1
     build = [k for k in values if k[0] == "session_proxy_build_info"]
     assert build == [("session_proxy_build_info", (("backend", "local"), ("version", "0.1.0")))]
@@ -51,7 +54,8 @@ async def test_each_app_has_its_own_registry(http: aiohttp.ClientSession, make_p
     second = await make_proxy()
     await exec_events(http, first, {"command": ["true"]})
     async with http.get(f"{second.ops_url}/metrics") as response:
-        assert "session_proxy_exec_requests_total{" not in await response.text()
+        text = await response.text()
+    assert 'session_proxy_exec_requests_total{outcome="exited"} 0.0' in text
 
 
 async def test_status_describes_the_backend(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:

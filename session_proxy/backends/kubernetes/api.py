@@ -10,11 +10,12 @@ and never the token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -88,9 +89,15 @@ def _in_cluster_host() -> str:
 
 
 class KubeApi:
-    def __init__(self, settings: Settings, on_error: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_error: Callable[[str], None],
+        on_latency: Callable[[str, float], None],
+    ) -> None:
         self._settings = settings
         self._on_error = on_error
+        self._on_latency = on_latency
         self._configuration: kube_client.Configuration | None = None
         self._api_client: kube_client.ApiClient | None = None
         self._token_file: TokenFile | None = None
@@ -154,7 +161,20 @@ class KubeApi:
             raise KubeApiError(None, f"API server sent something that is not JSON for {path}") from None
         return document
 
+    @contextlib.contextmanager
+    def _timed(self, verb: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._on_latency(verb, time.monotonic() - started)
+
     async def get_text(self, path: str, query: dict[str, str] | None = None) -> str:
+        # A namespaced collection (/api/v1/namespaces/NS/pods) is a list, anything below it a get.
+        with self._timed("list" if path.count("/") == 5 else "get"):
+            return await self._get_text(path, query)
+
+    async def _get_text(self, path: str, query: dict[str, str] | None = None) -> str:
         url = self.host + path + ("?" + urlencode(query) if query else "")
         for attempt in (1, 2):
             try:
@@ -200,6 +220,10 @@ class KubeApi:
 
     async def open_exec(self, url: str, user_agent: str) -> aiohttp.ClientWebSocketResponse:
         """Upgrade to an exec WebSocket, offering v5 then v4 (one header; the server picks)."""
+        with self._timed("connect"):
+            return await self._open_exec(url, user_agent)
+
+    async def _open_exec(self, url: str, user_agent: str) -> aiohttp.ClientWebSocketResponse:
         for attempt in (1, 2):
             headers = {**await self._authorization(), "User-Agent": user_agent}
             try:

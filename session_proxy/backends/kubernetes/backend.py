@@ -53,7 +53,7 @@ class KubernetesBackend:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._api = KubeApi(settings, self._count_error)
+        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[str, ImageTools] = {}
 
