@@ -242,10 +242,68 @@ def workspace_is_isolated(objects: Objects) -> list[str]:
     return problems
 
 
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def monitoring_is_wired(objects: Objects) -> list[str]:
+    """With the monitoring component: the PodMonitor scrapes every sidecar's ops port as
+    job="session-proxy" (what the alerts select), the rules and the dashboard ConfigMap exist."""
+    monitors = [o for o in objects if o.get("kind") == "PodMonitor"]
+    rules = [o for o in objects if o.get("kind") == "PrometheusRule"]
+    dashboards = [
+        o for o in objects
+        if o.get("kind") == "ConfigMap" and (o["metadata"].get("labels") or {}).get("grafana_dashboard")
+    ]  # fmt: skip
+    if not (monitors or rules or dashboards):
+        return []  # the component is optional
+    problems = []
+    for obj in monitors + rules:
+        if obj.get("apiVersion") != "monitoring.coreos.com/v1" or set(obj) - {
+            "apiVersion",
+            "kind",
+            "metadata",
+            "spec",
+        }:
+            problems.append(f"{obj['kind']} {obj['metadata']['name']}: not a monitoring.coreos.com/v1 object")
+    if len(monitors) != 1 or not rules or len(dashboards) != 1:
+        return [
+            *problems,
+            "the monitoring component needs one PodMonitor, a PrometheusRule and one dashboard",
+        ]
+    ops_port = parse_listen_address(Settings(backend="local").ops_listen).port  # type: ignore[union-attr]
+    monitor = monitors[0]
+    endpoints = monitor["spec"].get("podMetricsEndpoints") or []
+    for pod in (p for p in pods(objects) if sidecar_of(p) is not None):
+        name = pod["metadata"]["name"]
+        if not _matches(monitor["spec"].get("selector") or {}, pod["metadata"].get("labels") or {}):
+            problems.append(f"PodMonitor does not select the runner pod {name}")
+        sidecar = sidecar_of(pod)
+        assert sidecar is not None
+        ports = {p.get("name"): p["containerPort"] for p in sidecar.get("ports") or []}
+        if not any(
+            ports.get(e.get("port")) == ops_port and e.get("path", "/metrics") == "/metrics"
+            for e in endpoints
+        ):
+            problems.append(f"PodMonitor does not scrape {name}'s ops port {ops_port} by name at /metrics")
+    for endpoint in endpoints:
+        job = [r for r in endpoint.get("relabelings") or [] if r.get("targetLabel") == "job"]
+        if [r.get("replacement") for r in job] != ["session-proxy"]:
+            problems.append('PodMonitor targets do not get job="session-proxy", which the alerts select')
+    if not all((r.get("spec") or {}).get("groups") for r in rules):
+        problems.append("PrometheusRule without groups")
+    dashboard = dashboards[0]
+    documents = list((dashboard.get("data") or {}).values())
+    if len(documents) != 1 or '"panels"' not in documents[0]:
+        problems.append(f"ConfigMap {dashboard['metadata']['name']} does not hold one dashboard")
+    return problems
+
+
 RULES: dict[str, Callable[[Objects], list[str]]] = {
     "token_only_in_sidecar": token_only_in_sidecar,
     "role_is_least_privilege": role_is_least_privilege,
     "restricted_everywhere": restricted_everywhere,
     "proxy_wiring_matches_defaults": proxy_wiring_matches_defaults,
     "workspace_is_isolated": workspace_is_isolated,
+    "monitoring_is_wired": monitoring_is_wired,
 }

@@ -4,6 +4,7 @@ security model; each rule is also shown to catch the mistake it is about."""
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import subprocess
 import sys
@@ -21,12 +22,27 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES_VERSION = "1.33.0"
 
 
-@pytest.fixture(scope="module")
-def rendered() -> Objects:
+# The base alone, and the base with the monitoring component (the overlay that includes it).
+RENDERINGS = {"base": ROOT / "manifests", "with-monitoring": ROOT / "overlays" / "with-monitoring"}
+BASE_OBJECTS = [
+    "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation", "Pod/runner-demo",
+    "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
+    "ServiceAccount/session-proxy", "ServiceAccount/session-workspace",
+]  # fmt: skip
+MONITORING_OBJECTS = [
+    "ConfigMap/session-proxy-dashboard", "PodMonitor/session-proxy", "PrometheusRule/session-proxy",
+]  # fmt: skip
+# Custom resources of prometheus-operator: no schema in kubernetes-validate; monitoring_is_wired
+# checks what the proxy relies on.
+CUSTOM_GROUPS = ("monitoring.coreos.com/",)
+
+
+@functools.cache
+def render(name: str) -> Objects:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is required to render the kustomize base"
     result = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "manifests")],
+        [kubectl, "kustomize", str(RENDERINGS[name])],
         capture_output=True,
         text=True,
         timeout=60,
@@ -35,21 +51,40 @@ def rendered() -> Objects:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def test_renders_every_object(rendered: Objects) -> None:
-    """The base renders the accounts, RBAC, both pods and the network policies."""
-    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in rendered)
-    assert kinds == [
-        "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation", "Pod/runner-demo",
-        "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
-        "ServiceAccount/session-proxy", "ServiceAccount/session-workspace",
-    ]  # fmt: skip
+@pytest.fixture(scope="module", params=sorted(RENDERINGS))
+def rendered(request: pytest.FixtureRequest) -> Objects:
+    return copy.deepcopy(render(request.param))
+
+
+@pytest.fixture(scope="module")
+def with_monitoring() -> Objects:
+    return copy.deepcopy(render("with-monitoring"))
+
+
+@pytest.mark.parametrize("name", sorted(RENDERINGS))
+def test_renders_every_object(name: str) -> None:
+    """The base renders the accounts, RBAC, both pods and the network policies; the monitoring
+    component adds the PodMonitor, the PrometheusRule and the dashboard ConfigMap."""
+    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in render(name))
+    expected = BASE_OBJECTS + (MONITORING_OBJECTS if name == "with-monitoring" else [])
+    assert kinds == sorted(expected)
 
 
 def test_objects_match_the_kubernetes_schemas(rendered: Objects) -> None:
     """Every object is valid (strictly: no unknown fields) for the Kubernetes API."""
     examples = [yaml.safe_load(p.read_text()) for p in (ROOT / "manifests" / "examples").glob("*.yaml")]
     for obj in [*rendered, *examples]:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        if not obj["apiVersion"].startswith(CUSTOM_GROUPS):
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_dashboard_configmap_holds_the_dashboard_file(with_monitoring: Objects) -> None:
+    """The generated ConfigMap carries dashboard.json byte for byte, labelled for Grafana's sidecar."""
+    config_map = next(o for o in with_monitoring if o["kind"] == "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["data"] == {
+        "session-proxy.json": (ROOT / "manifests" / "monitoring" / "dashboard.json").read_text()
+    }
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -144,6 +179,32 @@ MUTATIONS: list[tuple[str, str, Mutation]] = [
 ]  # fmt: skip
 
 
+def _monitor(objects: Objects) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "PodMonitor")
+
+
+def _drop_kind(objects: Objects, kind: str) -> None:
+    objects[:] = [o for o in objects if o["kind"] != kind]
+
+
+# Mistakes in the monitoring component, applied to the rendering that includes it.
+MONITORING_MUTATIONS: list[tuple[str, str, Mutation]] = [
+    ("monitoring_is_wired", "PodMonitor on the exec API port",
+     lambda o: _monitor(o)["spec"]["podMetricsEndpoints"][0].update(port="exec")),
+    ("monitoring_is_wired", "sidecar port renamed",
+     lambda o: _sidecar(o)["ports"][0].update(name="metrics")),
+    ("monitoring_is_wired", "PodMonitor selects other pods",
+     lambda o: _monitor(o)["spec"]["selector"].update(matchLabels={"app": "other"})),
+    ("monitoring_is_wired", "job label not set",
+     lambda o: _monitor(o)["spec"]["podMetricsEndpoints"][0].pop("relabelings")),
+    ("monitoring_is_wired", "PrometheusRule left out", lambda o: _drop_kind(o, "PrometheusRule")),
+    ("monitoring_is_wired", "dashboard not labelled for Grafana",
+     lambda o: next(c for c in o if c["kind"] == "ConfigMap")["metadata"].update(labels={})),
+    ("monitoring_is_wired", "PodMonitor of another API version",
+     lambda o: _monitor(o).update(apiVersion="monitoring.coreos.com/v1alpha1")),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(("rule", "mistake", "mutate"), MUTATIONS, ids=[m[1] for m in MUTATIONS])
 def test_rule_catches_the_mistake(rendered: Objects, rule: str, mistake: str, mutate: Mutation) -> None:
     """Breaking the manifests in this way makes the rule report a violation."""
@@ -152,9 +213,21 @@ def test_rule_catches_the_mistake(rendered: Objects, rule: str, mistake: str, mu
     assert RULES[rule](broken), f"{rule} did not notice: {mistake}"
 
 
+@pytest.mark.parametrize(
+    ("rule", "mistake", "mutate"), MONITORING_MUTATIONS, ids=[m[1] for m in MONITORING_MUTATIONS]
+)
+def test_monitoring_rule_catches_the_mistake(
+    with_monitoring: Objects, rule: str, mistake: str, mutate: Mutation
+) -> None:
+    """Breaking the monitoring component in this way makes the rule report a violation."""
+    broken = copy.deepcopy(with_monitoring)
+    mutate(broken)
+    assert RULES[rule](broken), f"{rule} did not notice: {mistake}"
+
+
 def test_every_rule_has_a_mutation() -> None:
     """No rule goes unchecked for its ability to fail."""
-    assert {rule for rule, _, _ in MUTATIONS} == set(RULES)
+    assert {rule for rule, _, _ in MUTATIONS + MONITORING_MUTATIONS} == set(RULES)
 
 
 def test_dockerfile_is_hadolint_clean() -> None:
