@@ -1,6 +1,7 @@
 """A real Prometheus on loopback scrapes a real proxy (local backend) and evaluates the shipped
 rules: after known execs, its counts match what was run, every recording rule has series, and
-every dashboard query evaluates, all but the Kubernetes-only one with data."""
+every dashboard query evaluates, all but the Kubernetes-only one with data (all of them on the
+kubernetes backend, against the Kubernetes API test server)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from .conftest import ProxyFactory, RunningProxy, final
+from .conftest import KubeSetup, ProxyFactory, RunningProxy, exec_events, final
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "manifests" / "monitoring"
@@ -309,3 +310,37 @@ async def test_prometheus_sees_what_was_run(
     for name, (series, label) in variable_queries().items():
         values = by_label(await prometheus.query(http, f"count by ({label}) ({series})"), label)
         assert set(values) == {{"namespace": NAMESPACE, "pod": POD}[name]}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("api_mode", ["modern"])
+async def test_prometheus_on_the_kubernetes_backend_fills_every_panel(
+    http: aiohttp.ClientSession,
+    kube_setup: KubeSetup,
+    prometheus_for: Callable[[RunningProxy], Awaitable[Prometheus]],
+) -> None:
+    """On the kubernetes backend (the API test server) every dashboard query has data, the
+    Kubernetes API latency included, and the workspace shows ready."""
+    prometheus = await prometheus_for(kube_setup.proxy)
+
+    async def targets() -> list[str]:
+        return [t["health"] for t in (await prometheus.api(http, "targets"))["activeTargets"]]
+
+    await prometheus.eventually(targets, lambda health: health == ["up"], "the proxy as an up target")
+    for command in (["sh", "-c", "echo hello"], ["sh", "-c", "exit 3"]):
+        events = await exec_events(http, kube_setup.proxy, {"command": command})
+        assert final(events)["reason"] == "exited"
+
+    async def verbs() -> dict[str, float]:
+        expr = "sum by (verb) (session_proxy_kubernetes_api_request_duration_seconds_count)"
+        return by_label(await prometheus.query(http, expr), "verb")
+
+    await prometheus.eventually(verbs, lambda found: {"list", "connect"} <= set(found), "API calls by verb")
+
+    async def empty_panels() -> set[str]:
+        return {title for title, expr in panel_queries() if not await prometheus.query(http, expr)}
+
+    # Rates need two scrapes after the execs: wait for them rather than for a fixed time.
+    assert await prometheus.eventually(empty_panels, lambda empty: not empty, "panels without data") == set()
+    ready = await prometheus.query(http, "session_proxy_workspace_ready")
+    assert [float(s["value"][1]) for s in ready] == [1]
