@@ -54,7 +54,7 @@ async def test_local_scrape_passes_promtool(http: aiohttp.ClientSession, make_pr
 
 @pytest.mark.timeout(60)
 def test_promtool_check_metrics_can_fail() -> None:
-    """The check is not blind: a counter without `_total` and a unit-less name are reported."""
+    """The check is not blind: a counter whose name lacks `_total` is reported."""
     result = check_metrics(
         "# HELP session_proxy_execs Execs.\n# TYPE session_proxy_execs counter\nsession_proxy_execs 1\n"
     )
