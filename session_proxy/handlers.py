@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Any
@@ -81,6 +82,7 @@ def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
 
 
 async def post_exec(request: web.Request) -> web.StreamResponse:
+    arrived = asyncio.get_running_loop().time()
     app = request.app
     settings = app[SETTINGS]
     supervisor = app[SUPERVISOR]
@@ -97,6 +99,7 @@ async def post_exec(request: web.Request) -> web.StreamResponse:
             env=exec_request.env,
             stdin=exec_request.stdin_bytes(),
             timeout=exec_request.timeout or settings.default_timeout,
+            arrived=arrived,
         )
         session = ExecSession(
             request,

@@ -122,6 +122,12 @@ class Settings(BaseModel):
     owner_name: str | None = Field(None, description="name of that owner")
     owner_uid: str | None = Field(None, description="uid of that owner (optional, stricter)")
     api_timeout: float = Field(10, gt=0, description="seconds for one Kubernetes API call")
+    exec_ping_interval: float = Field(
+        5, gt=0, description="seconds between WebSocket pings on each exec stream"
+    )
+    exec_ping_timeout: float = Field(
+        30, gt=0, description="seconds an exec stream's peer may stay silent before it is transport_lost"
+    )
 
     # Limits
     max_concurrent: int = Field(10, ge=1, le=10_000, description="execs running at once")
@@ -189,6 +195,11 @@ class Settings(BaseModel):
             )
         if bool(self.owner_kind) != bool(self.owner_name):
             raise ValueError("owner_kind and owner_name: give both (or neither) to require an owner")
+        if self.exec_ping_timeout <= self.exec_ping_interval:
+            raise ValueError(
+                f"exec_ping_timeout: {self.exec_ping_timeout} must exceed exec_ping_interval "
+                f"{self.exec_ping_interval}, or a quiet command would be cut between two pings"
+            )
         if self.default_timeout > self.max_timeout:
             raise ValueError(
                 f"default_timeout: {self.default_timeout} exceeds max_timeout {self.max_timeout}"

@@ -81,7 +81,7 @@ class ExecSession:
             stream: metrics.output_bytes.labels(stream=stream) for stream in ("stdout", "stderr")
         }
         self._loop = asyncio.get_running_loop()
-        self._started = self._loop.time()
+        self._started = spec.arrived  # the timeout counts from the request's arrival
 
     def stop(self, reason: str) -> None:
         """Ask the exec to end now (server shutdown); the command is then terminated."""

@@ -32,6 +32,12 @@ class ExecSpec:
     env: dict[str, str]
     stdin: bytes | None
     timeout: float
+    arrived: float  # loop time the request arrived: ``timeout`` counts from here
+
+    @property
+    def deadline(self) -> float:
+        """Loop time by which the whole request, waiting and probing included, must be over."""
+        return self.arrived + self.timeout
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,25 +1,29 @@
-"""The ``kubernetes`` backend: each command runs in the session's workspace pod via exec."""
+"""The ``kubernetes`` backend: each command runs in the session's workspace pod via exec.
+
+A request's ``timeout`` counts from its arrival (``ExecSpec.deadline``): waiting for the pod
+(capped by ``--workspace-wait``) and probing the image come out of it, and a command whose
+deadline passed before it could start is not started at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
-import re
-from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
-
 from ... import __version__
-from ...errors import BackendFailure, InvalidRequest, NotReady
 from ...metrics import Metrics
-from ...models import Guarantees
 from ...settings import Settings
 from ..base import BackendInfo, ExecSpec, ExitStatus, WaitingCallback
-from .api import ConfigurationError, KubeApi, KubeApiError
-from .discovery import Workspace, WorkspaceLocator, assess
-from .execution import KubernetesExecution, explain_exec_failure, parse_status
+from . import refusals
+from .api import KubeApi
+from .api_errors import KubeError
+from .credentials import TOKEN_REFRESH_SECONDS
+from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
+from .exec_stream import STDOUT, ExecStream
+from .execution import KubernetesExecution, explain_exec_failure
+from .image_probe import NO_GUARANTEES, ImageTools, Inconclusive, read_probe
 from .wrapper import KILL_SCRIPT, PROBE_SCRIPT, SHELL, WRAPPER_SCRIPT, encode_header, new_nonce
 
 log = logging.getLogger(__name__)
@@ -27,33 +31,19 @@ log = logging.getLogger(__name__)
 # The wrapper's own deadline is a backstop, later than the proxy's, so the proxy's wins.
 BACKSTOP_MARGIN: Final = 5
 PROBE_TIMEOUT: Final = 30.0
-NO_GUARANTEES: Final = Guarantees(workdir=False, env=False, stdin=False, kill=False)
-# How runtimes say that the program of an exec does not exist (runc/crun wording).
-_EXEC_NOT_FOUND: Final = re.compile(r"executable file not found|no such file or directory", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ImageTools:
-    """What the workspace image offers the wrapper, found once per pod."""
-
-    has_shell: bool
-    missing: tuple[str, ...]
-
-    @property
-    def guarantees(self) -> Guarantees:
-        if not self.has_shell:
-            return NO_GUARANTEES
-        complete = not self.missing
-        return Guarantees(workdir=True, env=True, stdin="head" not in self.missing, kill=complete)
+PROBE_OUTPUT_LIMIT: Final = 64 * 1024
+LOG_LIMIT_BYTES: Final = 1024 * 1024
 
 
 class KubernetesBackend:
     name = "kubernetes"
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, token_refresh: float = TOKEN_REFRESH_SECONDS
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
+        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api, token_refresh)
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[str, ImageTools] = {}
 
@@ -69,12 +59,22 @@ class KubernetesBackend:
     # ---- exec ----------------------------------------------------------------------------
 
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> KubernetesExecution:
-        workspace = await self._find(on_waiting)
-        tools = await self._image_tools(workspace)
-        self._refuse_unsupported(spec, tools)
-        target = f"{workspace.namespace}/{workspace.name}/{workspace.container}"
-        if not tools.has_shell:
-            return await self._start_bare(spec, workspace, target)
+        try:
+            workspace = await self._find(spec, on_waiting)
+            tools = await self._image_tools(workspace, spec)
+            self._refuse_unsupported(spec, tools)
+            if asyncio.get_running_loop().time() >= spec.deadline:
+                raise refusals.out_of_time(spec.timeout, "the workspace was found too late")
+            target = f"{workspace.namespace}/{workspace.name}/{workspace.container}"
+            if not tools.has_shell:
+                return await self._start_bare(spec, workspace, target)
+            return await self._start_wrapped(spec, workspace, target, tools)
+        except KubeError as error:
+            raise refusals.refusal(error) from None
+
+    async def _start_wrapped(
+        self, spec: ExecSpec, workspace: Workspace, target: str, tools: ImageTools
+    ) -> KubernetesExecution:
         nonce = new_nonce()
         header = encode_header(
             nonce=nonce,
@@ -85,28 +85,28 @@ class KubernetesBackend:
             deadline=math.ceil(spec.timeout) + math.ceil(self._settings.kill_grace) + BACKSTOP_MARGIN,
             grace=math.ceil(self._settings.kill_grace),
         )
-        websocket = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
+        stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
         return KubernetesExecution(
-            websocket,
+            stream,
             target=target,
             guarantees=tools.guarantees,
             nonce=nonce,
             kill_group=lambda pgid, grace: self._kill_group(workspace, pgid, grace, spec.exec_id),
-            explain_lost_stream=lambda status: self._explain_lost_stream(workspace, status),
+            explain_lost_stream=lambda lost: self._explain_lost_stream(workspace, lost),
             stdin=header + (spec.stdin or b""),
             program=spec.argv[0],
         )
 
     async def _start_bare(self, spec: ExecSpec, workspace: Workspace, target: str) -> KubernetesExecution:
         # No shell in the image: the argv must go in the URL, and nothing can be killed.
-        websocket = await self._open(workspace, spec.argv, spec.exec_id, stdin=False)
+        stream = await self._open(workspace, spec.argv, spec.exec_id, stdin=False)
         return KubernetesExecution(
-            websocket,
+            stream,
             target=target,
             guarantees=NO_GUARANTEES,
             nonce=None,
             kill_group=self._cannot_kill,
-            explain_lost_stream=lambda status: self._explain_lost_stream(workspace, status),
+            explain_lost_stream=lambda lost: self._explain_lost_stream(workspace, lost),
             stdin=None,
         )
 
@@ -128,79 +128,63 @@ class KubernetesBackend:
             if wanted
         ]
         if asked:
-            raise InvalidRequest(
-                f"the workspace image has {lacking}, so {', '.join(asked)} cannot be given",
-                [
-                    {"field": name, "reason": f"not supported: the workspace image has {lacking}"}
-                    for name in asked
-                ],
-            )
+            raise refusals.unsupported_inputs(lacking, asked)
 
-    async def _find(self, on_waiting: WaitingCallback) -> Workspace:
-        try:
-            workspace = await self._locator.find(on_waiting)
-        except KubeApiError as error:
-            raise self._api_failure(error) from None
+    async def _find(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Workspace:
+        now = asyncio.get_running_loop().time()
+        until = min(spec.deadline, now + self._settings.workspace_wait)
+        found = await self._locator.find(on_waiting, until)
+        if isinstance(found, WorkspaceProblem):
+            if found.kind in ("not_ready", "not_found", "terminating") and until >= spec.deadline:
+                raise refusals.out_of_time(spec.timeout, found.message)
+            raise refusals.refusal(found)
         self._metrics.workspace_ready.set(1)
-        return workspace
+        return found
 
-    def _api_failure(self, error: KubeApiError) -> BackendFailure | NotReady:
-        if error.status is None or error.status >= 500 or error.status == 429:
-            return NotReady(
-                f"Kubernetes API unavailable: {error.message}", retry_after=5, code="api_unavailable"
-            )
-        return BackendFailure(f"Kubernetes API refused the request ({error.status}): {error.message}")
-
-    async def _open(
-        self, workspace: Workspace, argv: list[str], exec_id: str, *, stdin: bool
-    ) -> aiohttp.ClientWebSocketResponse:
+    async def _open(self, workspace: Workspace, argv: list[str], exec_id: str, *, stdin: bool) -> ExecStream:
         url = self._api.exec_url(workspace.namespace, workspace.name, workspace.container, argv, stdin=stdin)
         try:
             return await self._api.open_exec(url, f"session-proxy/{__version__} exec_id={exec_id}")
-        except KubeApiError as error:
-            if error.status == 404:
+        except KubeError as error:
+            if error.status in (404, 500):
                 self._locator.forget()
-                raise NotReady(error.message, retry_after=1, code="workspace_not_found") from None
-            if error.status == 500:
-                self._locator.forget()
-                raise NotReady(error.message, retry_after=2, code="workspace_not_ready") from None
-            raise self._api_failure(error) from None
+            raise refusals.refusal(error, exec_handshake=True) from None
 
     async def _run_small(
         self, workspace: Workspace, script: str, stdin: bytes, exec_id: str
     ) -> tuple[bytes, ExitStatus | None]:
-        """Run a short fixed script to completion; its stdout and its status."""
-        websocket = await self._open(workspace, [SHELL, "-c", script], exec_id, stdin=bool(stdin))
-        output, status = bytearray(), bytearray()
+        """Run a short fixed script to completion; its stdout (capped) and its status."""
+        stream = await self._open(workspace, [SHELL, "-c", script], exec_id, stdin=bool(stdin))
+        output = bytearray()
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                if stdin:
-                    await websocket.send_bytes(b"\x00" + stdin)
-                async for message in websocket:
-                    if message.type == aiohttp.WSMsgType.BINARY and len(message.data) > 1:
-                        if message.data[0] == 1:
-                            output += message.data[1:]
-                        elif message.data[0] == 3:
-                            status += message.data[1:]
+            if stdin:
+                await stream.send_stdin(stdin)
+            while (frame := await stream.receive()) is not None:
+                channel, payload = frame
+                if channel == STDOUT and len(output) < PROBE_OUTPUT_LIMIT:
+                    output += payload
         finally:
-            await websocket.close()
-        return bytes(output), parse_status(bytes(status))
+            await stream.close()
+        return bytes(output), stream.status
 
-    async def _image_tools(self, workspace: Workspace) -> ImageTools:
+    async def _image_tools(self, workspace: Workspace, spec: ExecSpec) -> ImageTools:
         cached = self._tools.get(workspace.uid)
         if cached is not None:
             return cached
-        output, status = await self._run_small(workspace, PROBE_SCRIPT, b"", "probe")
-        if status is not None and status.reason == "error":
-            message = status.message or ""
-            if "container not found" in message:  # the pod outran discovery: not cached
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(spec.deadline, loop.time() + PROBE_TIMEOUT)):
+                output, status = await self._run_small(workspace, PROBE_SCRIPT, b"", f"{spec.exec_id}-probe")
+        except TimeoutError:
+            if loop.time() >= spec.deadline:
+                raise refusals.out_of_time(spec.timeout, "the image probe had not finished") from None
+            raise refusals.probe_failed(f"the probe did not finish within {PROBE_TIMEOUT:g} s") from None
+        tools = read_probe(output, status)
+        if isinstance(tools, Inconclusive):
+            if tools.container_lost:  # the pod outran discovery
                 self._locator.forget()
-                raise NotReady(f"workspace not ready: {message}", retry_after=2, code="workspace_not_ready")
-            if SHELL not in message or not _EXEC_NOT_FOUND.search(message):
-                raise BackendFailure(f"cannot inspect the workspace image: {message}")
-            tools = ImageTools(has_shell=False, missing=())
-        else:
-            tools = ImageTools(has_shell=True, missing=tuple(output.decode(errors="replace").split()))
+                raise refusals.container_lost(tools.message)
+            raise refusals.probe_failed(tools.message)
         if tools.missing or not tools.has_shell:
             log.warning(
                 "workspace image lacks tools",
@@ -214,13 +198,14 @@ class KubernetesBackend:
         stdin = f"{pgid}\n{math.ceil(grace)}\n".encode()
         await self._run_small(workspace, KILL_SCRIPT, stdin, f"{exec_id}-kill")
 
-    async def _explain_lost_stream(self, workspace: Workspace, status: ExitStatus | None) -> ExitStatus:
+    async def _explain_lost_stream(self, workspace: Workspace, stream: ExecStream) -> ExitStatus:
+        status = stream.status
         if status is not None and status.reason == "error":
             return explain_exec_failure(status)
         self._locator.forget()
         try:
             pod = await self._locator.pod_state(workspace.name)
-        except KubeApiError:
+        except KubeError:
             pod = {"metadata": {"uid": workspace.uid}}  # cannot tell: assume it is still there
         if pod is None or pod["metadata"].get("uid") != workspace.uid:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} was deleted")
@@ -228,11 +213,8 @@ class KubernetesBackend:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} is terminating")
         if status is not None and self._tools.get(workspace.uid, ImageTools(True, ())).has_shell is False:
             return status  # a bare exec: the stream's own status is all there is
-        detail = f" (its status said exit code {status.exit_code})" if status and status.exit_code else ""
         return ExitStatus(
-            None,
-            reason="transport_lost",
-            message="the exec stream ended before the command reported its exit" + detail,
+            None, reason="transport_lost", message=_lost_message(stream, status, self._settings)
         )
 
     # ---- status ---------------------------------------------------------------------------
@@ -241,7 +223,7 @@ class KubernetesBackend:
         target: dict[str, object] = {"selector": self._settings.effective_workspace_selector}
         try:
             candidates = await self._locator.candidates()
-        except (KubeApiError, ConfigurationError) as error:
+        except KubeError as error:
             self._metrics.workspace_ready.set(0)
             target["error"] = str(error)
             return BackendInfo(self.name, ready=False, target=target)
@@ -252,16 +234,28 @@ class KubernetesBackend:
         return BackendInfo(self.name, ready=ready, target=target)
 
     async def logs(self, tail: int) -> str:
+        """The last ``tail`` lines, at most LOG_LIMIT_BYTES of them (asked of the API server too)."""
         try:
             live = [c for c in await self._locator.candidates() if not c.terminating]
-        except KubeApiError as error:
-            raise self._api_failure(error) from None
-        if not live:
-            raise NotReady("no workspace pod to read logs from", retry_after=5, code="workspace_not_found")
-        workspace = live[0]
-        path = f"/api/v1/namespaces/{workspace.namespace}/pods/{workspace.name}/log"
-        query = {"container": workspace.container, "tailLines": str(tail)}
-        try:
-            return await self._api.get_text(path, query)
-        except KubeApiError as error:
-            raise self._api_failure(error) from None
+            if not live:
+                raise refusals.refusal(WorkspaceProblem("not_found", "no workspace pod to read logs from"))
+            workspace = live[0]
+            path = f"/api/v1/namespaces/{workspace.namespace}/pods/{workspace.name}/log"
+            query = {
+                "container": workspace.container,
+                "tailLines": str(tail),
+                "limitBytes": str(LOG_LIMIT_BYTES),
+            }
+            text, _ = await self._api.get_text(path, query, cap=LOG_LIMIT_BYTES)
+            return text
+        except KubeError as error:
+            raise refusals.refusal(error) from None
+
+
+def _lost_message(stream: ExecStream, status: ExitStatus | None, settings: Settings) -> str:
+    if stream.peer_silent:
+        return f"the API server stopped answering pings for {settings.exec_ping_timeout:g} s"
+    if stream.frame_too_large:
+        return "the API server sent a WebSocket frame over the size limit"
+    detail = f" (its status said exit code {status.exit_code})" if status and status.exit_code else ""
+    return "the exec stream ended before the command reported its exit" + detail

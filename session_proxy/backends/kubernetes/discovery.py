@@ -12,14 +12,28 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from ...errors import GuardRefused, NotReady
 from ...settings import Settings
-from .api import KubeApi, KubeApiError
+from .api import KubeApi
+from .api_errors import NotFound
 
 CACHE_SECONDS: Final = 2.0
 POLL_SECONDS: Final = 1.0
+# While a request waits, it is told why at least this often (clients and proxies see progress).
+WAITING_EVERY: Final = 5.0
+
+ProblemKind = Literal["not_found", "ambiguous", "not_ready", "terminating", "wrong_owner"]
+# Problems that waiting does not solve: reported at once.
+SETTLED: Final = frozenset({"ambiguous", "wrong_owner"})
+
+
+@dataclass(frozen=True)
+class WorkspaceProblem:
+    """Why no pod can be used now; the backend decides what the caller is told."""
+
+    kind: ProblemKind
+    message: str
 
 
 @dataclass(frozen=True)
@@ -141,38 +155,41 @@ class WorkspaceLocator:
         """The pod's current manifest, or None if it is gone."""
         try:
             return await self._api.get_json(f"/api/v1/namespaces/{self._namespace}/pods/{name}")
-        except KubeApiError as error:
-            if error.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
 
-    async def find(self, on_waiting: Callable[[str], Awaitable[None]]) -> Workspace:
-        """The usable workspace; waits (reporting why) while it is starting, up to the limit."""
+    async def find(
+        self, on_waiting: Callable[[str], Awaitable[None]], until: float
+    ) -> Workspace | WorkspaceProblem:
+        """The usable workspace, or why there is none; while it is starting, waits (saying why
+        at least every WAITING_EVERY seconds) until the loop time ``until``."""
         if self._cached is not None and time.monotonic() - self._cached_at < CACHE_SECONDS:
             return self._cached
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.workspace_wait
-        last_message = ""
+        told_at = float("-inf")
+        told = ""
         while True:
-            found = await self._choose(await self.candidates())
+            found = self.choose(await self.candidates())
             if isinstance(found, Workspace):
                 self._cached, self._cached_at = found, time.monotonic()
                 return found
-            if loop.time() >= deadline:
-                raise found
-            if found.message != last_message:
-                last_message = found.message
+            now = loop.time()
+            if found.kind in SETTLED or now >= until:
+                return found
+            if found.message != told or now - told_at >= WAITING_EVERY - POLL_SECONDS:
+                told, told_at = found.message, now
                 await on_waiting(found.message)
-            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - loop.time())))
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, until - loop.time())))
 
-    async def _choose(self, candidates: list[Workspace]) -> Workspace | NotReady:
+    def choose(self, candidates: list[Workspace]) -> Workspace | WorkspaceProblem:
+        """The one usable pod among the candidates, or what is wrong with them."""
         where = f"selector {self._selector!r} in namespace {self._namespace}"
         owned = [c for c in candidates if not c.wrong_owner]
         if candidates and not owned:
-            raise GuardRefused(
+            return WorkspaceProblem(
+                "wrong_owner",
                 f"refusing to exec: {candidates[0].wrong_owner}; the proxy only execs into its "
                 "own session's workspace",
-                code="workspace_owner_mismatch",
             )
         live = [c for c in owned if not c.terminating]
         usable = [c for c in live if c.usable]
@@ -180,19 +197,14 @@ class WorkspaceLocator:
             return usable[0]
         if len(usable) > 1:
             names = ", ".join(sorted(c.name for c in usable))
-            raise NotReady(
-                f"several workspace pods match {where} ({names}); exactly one must",
-                retry_after=5,
-                code="workspace_ambiguous",
+            return WorkspaceProblem(
+                "ambiguous", f"several workspace pods match {where} ({names}); exactly one must"
             )
         if live:
-            return NotReady(
-                f"workspace not ready: {live[0].problem}", retry_after=2, code="workspace_not_ready"
-            )
+            return WorkspaceProblem("not_ready", f"workspace not ready: {live[0].problem}")
         if owned:
-            return NotReady(
+            return WorkspaceProblem(
+                "terminating",
                 f"the workspace pod is terminating ({owned[0].name}); retry once it is replaced",
-                retry_after=5,
-                code="workspace_terminating",
             )
-        return NotReady(f"no workspace pod matches {where}", retry_after=5, code="workspace_not_found")
+        return WorkspaceProblem("not_found", f"no workspace pod matches {where}")

@@ -10,45 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import aiohttp
-
 from ...models import Guarantees
 from ..base import ExitDrain, ExitStatus, OutputChunk, next_output
+from .exec_stream import STDOUT, ExecStream
 from .wrapper import Marker, MarkerFilter
 
 log = logging.getLogger(__name__)
 
-STDOUT, STDERR, STATUS = 1, 2, 3
 EXIT_AFTER_KILL_TIMEOUT: Final = 5.0
-STDIN_FRAME: Final = 256 * 1024
 WORKDIR_ERROR: Final = "workdir cannot be used in the workspace (missing, or not a directory)"
-
-
-def parse_status(raw: bytes) -> ExitStatus | None:
-    """Channel-3 status: exit code only from the ExitCode cause of NonZeroExitCode."""
-    if not raw.strip():
-        return None
-    try:
-        status = json.loads(raw)
-    except ValueError:
-        return ExitStatus(None, reason="error", message=raw.decode("utf-8", "replace")[:300])
-    if status.get("status") == "Success":
-        return ExitStatus(0)
-    if status.get("reason") == "NonZeroExitCode":
-        for cause in (status.get("details") or {}).get("causes") or []:
-            if cause.get("reason") == "ExitCode":
-                with contextlib.suppress(ValueError):
-                    code = int(cause.get("message", ""))
-                    if 0 <= code <= 255:
-                        return ExitStatus(code)
-    message = str(status.get("message") or "the exec failed")[:300]
-    return ExitStatus(None, reason="error", message=message)
 
 
 def explain_exec_failure(status: ExitStatus) -> ExitStatus:
@@ -62,25 +37,24 @@ def explain_exec_failure(status: ExitStatus) -> ExitStatus:
 class KubernetesExecution:
     def __init__(
         self,
-        websocket: aiohttp.ClientWebSocketResponse,
+        stream: ExecStream,
         *,
         target: str,
         guarantees: Guarantees,
         nonce: str | None,
         kill_group: Callable[[int, float], Awaitable[None]],
-        explain_lost_stream: Callable[[ExitStatus | None], Awaitable[ExitStatus]],
+        explain_lost_stream: Callable[[ExecStream], Awaitable[ExitStatus]],
         stdin: bytes | None,
         program: str = "",
     ) -> None:
         self.target = target
         self._program = program
         self.guarantees = guarantees
-        self._ws = websocket
+        self._stream = stream
         self._filter = MarkerFilter(nonce) if nonce else None
         self._kill_group = kill_group
         self._explain_lost_stream = explain_lost_stream
         self._pending: deque[OutputChunk] = deque()
-        self._status_bytes = bytearray()
         self._pgid: int | None = None
         self._exit: ExitStatus | None = None
         self._exit_reported = False  # the wrapper said the command ended (else it may still run)
@@ -90,9 +64,7 @@ class KubernetesExecution:
 
     async def _feed(self, data: bytes) -> None:
         # Sent from a task: a command that does not read its stdin must not block the start.
-        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-            for offset in range(0, len(data), STDIN_FRAME):
-                await self._ws.send_bytes(b"\x00" + data[offset : offset + STDIN_FRAME])
+        await self._stream.send_stdin(data)
 
     # OutputSource, for next_output:
     @property
@@ -112,29 +84,22 @@ class KubernetesExecution:
     async def next_chunk(self) -> OutputChunk | None:
         chunk = await next_output(self, self._drain)
         if chunk is None and self._exit is None:
-            self._exit = await self._explain_lost_stream(parse_status(bytes(self._status_bytes)))
+            self._exit = await self._explain_lost_stream(self._stream)
         return chunk
 
     async def _receive(self) -> None:
-        message = await self._ws.receive()
-        if message.type != aiohttp.WSMsgType.BINARY:
-            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
-                return
-            self._stream_over = True  # CLOSE, CLOSED, ERROR: the stream is over
+        frame = await self._stream.receive()
+        if frame is None:
+            self._stream_over = True
             held = self._filter.flush() if self._filter else b""
             if held:  # bytes kept back in case they began a marker: they were the command's
                 self._pending.append(OutputChunk("stderr", held))
             return
-        data: bytes = message.data
-        if len(data) < 2:
-            return  # the empty first frame, or an empty write
-        channel, payload = data[0], data[1:]
+        channel, payload = frame
         if channel == STDOUT:
             self._pending.append(OutputChunk("stdout", payload))
-        elif channel == STDERR:
+        else:
             self._stderr(payload)
-        elif channel == STATUS:
-            self._status_bytes += payload
 
     def _stderr(self, payload: bytes) -> None:
         if self._filter is None:
@@ -192,4 +157,4 @@ class KubernetesExecution:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feeder
         # Closing the stream is stdin EOF for the wrapper: its dead-man switch ends the group.
-        await self._ws.close()
+        await self._stream.close()
