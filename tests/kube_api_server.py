@@ -131,7 +131,14 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
-    """Fault injection, matched by path substring (and method); ``times`` < 0 means for ever."""
+    """Fault injection, matched by path substring (and method); ``times`` < 0 means for ever.
+
+    Exec faults: ``idle_cut`` closes the connection once no frame went either way for that many
+    seconds (as a load balancer's idle timer does); ``ignore_pings`` stops answering pings (a
+    peer gone silent); ``frame_bytes`` sends one stdout frame that large first; ``stall`` upgrades
+    and then never sends anything; ``no_status`` drops the connection instead of sending the
+    final status.
+    """
 
     path: str
     status: int | None = None
@@ -139,6 +146,14 @@ class Fault:
     drop_after_bytes: int | None = None
     times: int = 1
     method: str | None = None
+    idle_cut: float | None = None
+    ignore_pings: bool = False
+    frame_bytes: int | None = None
+    stall: bool = False
+    no_status: bool = False
+
+
+EXEC_FAULT = web.RequestKey("exec_fault", Fault)
 
 
 def matches_selector(labels: dict[str, str], selector: str) -> bool:
@@ -298,6 +313,7 @@ class KubeApiServer:
                 continue
             if fault.drop_after_bytes is not None:
                 request[DROP_AFTER] = fault.drop_after_bytes
+            request[EXEC_FAULT] = fault
             if fault.times > 0:
                 fault.times -= 1
             if fault.delay:
@@ -397,7 +413,10 @@ class KubeApiServer:
         lines = pod.log_lines
         if "tailLines" in request.query:
             lines = lines[-int(request.query["tailLines"]) :] if int(request.query["tailLines"]) else []
-        return web.Response(text="".join(line + "\n" for line in lines), content_type="text/plain")
+        text = "".join(line + "\n" for line in lines).encode()
+        if "limitBytes" in request.query:  # the first limitBytes bytes of what would be sent
+            text = text[: int(request.query["limitBytes"])]
+        return web.Response(body=text, content_type="text/plain")
 
     # ---- exec ----------------------------------------------------------------------------
 
@@ -434,7 +453,8 @@ class KubeApiServer:
             return web.Response(status=403)  # the handshake rejects: empty body
         if (not pod.container_running or pod.container_gone) and chosen == V4:
             return web.Response(status=500, text=f'container not found ("{container}")')
-        ws = web.WebSocketResponse(protocols=(chosen,), max_msg_size=0)
+        # Pings are answered by hand (ExecSession.receive), so that faults can see and drop them.
+        ws = web.WebSocketResponse(protocols=(chosen,), max_msg_size=0, autoping=False)
         await ws.prepare(request)
         session = ExecSession(self, pod, ws, chosen, query.getall("command", []), streams, request)
         task = asyncio.current_task()
@@ -468,27 +488,62 @@ class ExecSession:
         self.command = command
         self.streams = streams
         self.drop_after = request.get(DROP_AFTER)
+        self.fault = request.get(EXEC_FAULT) or Fault(path="")
         self.sent = 0
         self.process: asyncio.subprocess.Process | None = None
+        self.last_frame = asyncio.get_running_loop().time()  # either way, pings included
+
+    def abort(self) -> None:
+        """The connection dies, with no status and no close frame."""
+        transport = self.ws._req.transport if self.ws._req else None
+        if transport is not None:
+            transport.abort()
 
     async def send(self, channel: int, data: bytes) -> None:
         if self.drop_after is not None and self.sent + len(data) > self.drop_after:
-            # Fault: the connection dies mid-output, with no status and no close frame.
-            transport = self.ws._req.transport if self.ws._req else None
-            if transport is not None:
-                transport.abort()
+            self.abort()  # fault: the connection dies mid-output
             raise ConnectionResetError("injected drop")
         self.sent += len(data)
+        self.last_frame = asyncio.get_running_loop().time()
         await self.ws.send_bytes(bytes([channel]) + data)
 
     async def status(self, body: dict[str, Any]) -> None:
+        if self.fault.no_status:
+            self.abort()
+            return
         with contextlib.suppress(ConnectionError):
             await self.ws.send_bytes(b"\x03" + json.dumps(body).encode())
         await self.ws.close()
 
+    async def cut_when_idle(self, after: float) -> None:
+        """Fault: close the connection once no frame went either way for ``after`` seconds."""
+        loop = asyncio.get_running_loop()
+        while not self.ws.closed:
+            await asyncio.sleep(after / 20)
+            if loop.time() - self.last_frame >= after:
+                self.abort()
+                return
+
     async def run(self, container: str) -> None:
+        watchdog = None
+        if self.fault.idle_cut is not None:
+            watchdog = asyncio.create_task(self.cut_when_idle(self.fault.idle_cut))
+        try:
+            await self.serve(container)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
+
+    async def serve(self, container: str) -> None:
         with contextlib.suppress(ConnectionError):
             await self.ws.send_bytes(b"\x01" if self.streams["stdout"] else b"\x02")
+            if self.fault.frame_bytes:
+                await self.ws.send_bytes(b"\x01" + b"z" * self.fault.frame_bytes)
+        if self.fault.stall:  # upgraded, then nothing: only pings are answered
+            async for message in self.ws:
+                await self.on_control(message)
+            return
         if not self.pod.container_running or self.pod.container_gone:  # v5: reported after the upgrade
             message = f'unable to upgrade connection: container not found ("{container}")'
             await self.status(internal_error(message))
@@ -551,7 +606,7 @@ class ExecSession:
         process = self.process
         assert process is not None
         async for message in self.ws:
-            if message.type != WSMsgType.BINARY or not message.data:
+            if await self.on_control(message) or not message.data:
                 continue
             channel, payload = message.data[0], message.data[1:]
             if channel == 0 and process.stdin is not None and not process.stdin.is_closing():
@@ -562,6 +617,14 @@ class ExecSession:
                 process.stdin.close()
         # The client went away: stdin EOF and the output pipes closed; the process keeps running.
         self.close_pipes()
+
+    async def on_control(self, message: Any) -> bool:
+        """Note the frame and answer a ping (unless told not to); True if it was not data."""
+        self.last_frame = asyncio.get_running_loop().time()
+        if message.type == WSMsgType.PING and not self.fault.ignore_pings:
+            with contextlib.suppress(ConnectionError):
+                await self.ws.pong(message.data)
+        return bool(message.type != WSMsgType.BINARY)
 
     def close_pipes(self) -> None:
         process = self.process

@@ -61,10 +61,10 @@ class KubernetesBackend:
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> KubernetesExecution:
         try:
             workspace = await self._find(spec, on_waiting)
+            _check_time(spec, "the workspace became usable too late")
             tools = await self._image_tools(workspace, spec)
             self._refuse_unsupported(spec, tools)
-            if asyncio.get_running_loop().time() >= spec.deadline:
-                raise refusals.out_of_time(spec.timeout, "the workspace was found too late")
+            _check_time(spec, "the image probe finished too late")
             target = f"{workspace.namespace}/{workspace.name}/{workspace.container}"
             if not tools.has_shell:
                 return await self._start_bare(spec, workspace, target)
@@ -250,6 +250,12 @@ class KubernetesBackend:
             return text
         except KubeError as error:
             raise refusals.refusal(error) from None
+
+
+def _check_time(spec: ExecSpec, what: str) -> None:
+    """A command whose request ran out of time before it could start is not started."""
+    if asyncio.get_running_loop().time() >= spec.deadline:
+        raise refusals.out_of_time(spec.timeout, what)
 
 
 def _lost_message(stream: ExecStream, status: ExitStatus | None, settings: Settings) -> str:
