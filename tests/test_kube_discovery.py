@@ -21,7 +21,7 @@ from .conftest import (
     survivors,
     wait_for_processes,
 )
-from .kube_api_server import Fault
+from .kube_api_server import Fault, kill_pod_processes
 
 LABELS = {"session": "s1", "type": "workspace"}
 
@@ -29,6 +29,19 @@ LABELS = {"session": "s1", "type": "workspace"}
 async def refusal(http: aiohttp.ClientSession, proxy: RunningProxy) -> tuple[int, dict[str, Any], str | None]:
     async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as response:
         return response.status, (await response.json())["error"], response.headers.get("Retry-After")
+
+
+async def first_refusal(
+    http: aiohttp.ClientSession, proxy: RunningProxy, within: float = 15
+) -> tuple[int, dict[str, Any]]:
+    """Exec `true` until a request is refused (the discovery cache has run out); that refusal."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as response:
+            if response.status != 200:
+                return response.status, (await response.json())["error"]
+            await response.read()
+    raise AssertionError(f"no request was refused within {within} s")
 
 
 async def test_no_workspace_pod(
@@ -112,10 +125,12 @@ async def test_waits_for_a_starting_pod_with_waiting_events(
     pod = kube.add_pod("ws-1", labels=LABELS, phase="Pending", ready=False, container_running=False,
                        waiting_reason="ImagePullBackOff")  # fmt: skip
     proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=20)
-    task = asyncio.create_task(exec_events(http, proxy, {"command": ["echo", "ran"]}))
-    await asyncio.sleep(1.5)
-    pod.phase, pod.ready, pod.container_running = "Running", True, True
-    events = await task
+    events = []
+    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
+        async for line in response.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "waiting":  # the request is waiting: now the pod starts
+                pod.phase, pod.ready, pod.container_running = "Running", True, True
     assert events[0]["type"] == "waiting"
     assert "ImagePullBackOff" in events[0]["message"]
     assert [e["type"] for e in events].index("start") > 0
@@ -143,7 +158,8 @@ async def test_recreated_pod_is_found_again(
     assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
     kube.delete_pod("ws-1")
     new = kube.add_pod("ws-2", labels=LABELS)
-    await asyncio.sleep(2.1)  # past the discovery cache
+    status, error = await first_refusal(http, proxy)  # the cached pod is gone: found out, forgotten
+    assert (status, error["code"]) == (503, "workspace_not_found")
     events = await exec_events(http, proxy, {"command": ["pwd"]})
     assert events[0]["target"] == "default/ws-2/workspace"
     assert output_of(events, "stdout") == f"{new.root}\n".encode()
@@ -163,6 +179,42 @@ async def test_pod_deleted_mid_exec_is_pod_gone(
     assert exit_event["exit_code"] is None
 
 
+async def test_terminating_pod_mid_exec_is_pod_gone(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """A pod that starts terminating under a running exec (its processes killed, the pod object
+    still there with a deletionTimestamp) ends the exec with pod_gone, not an exit code."""
+    pod = kube.add_pod("ws-1", labels=LABELS)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path)
+    task = asyncio.create_task(exec_events(http, proxy, {"command": ["sleep", marker]}))
+    await wait_for_processes(marker, 1)
+    pod.deleting = True
+    kill_pod_processes(pod.uid)  # the runtime stops the containers
+    exit_event = final(await task)
+    assert (exit_event["reason"], exit_event["exit_code"]) == ("pod_gone", None)
+    assert "terminating" in exit_event["message"]
+
+
+async def test_workspace_ready_gauge_follows_the_pod(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """session_proxy_workspace_ready reads 1 while the pod is usable and 0 once it is not (each
+    scrape asks the backend afresh)."""
+    pod = kube.add_pod("ws-1", labels=LABELS)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path)
+
+    async def gauge() -> str:
+        async with http.get(f"{proxy.ops_url}/metrics") as response:
+            lines = (await response.text()).splitlines()
+        return next(line for line in lines if line.startswith("session_proxy_workspace_ready "))
+
+    assert await gauge() == "session_proxy_workspace_ready 1.0"
+    pod.ready = False
+    assert await gauge() == "session_proxy_workspace_ready 0.0"
+    pod.ready = True
+    assert await gauge() == "session_proxy_workspace_ready 1.0"
+
+
 async def test_not_ready_mid_exec_lets_the_exec_finish(
     http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -177,10 +229,9 @@ async def test_not_ready_mid_exec_lets_the_exec_finish(
             {"command": ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done; echo finished"]},
         )
     )
-    await asyncio.sleep(0.5)
+    await wait_for_processes(str(gate), 1)  # the command runs
     pod.ready = False
-    await asyncio.sleep(2.1)
-    status, error, _ = await refusal(http, proxy)
+    status, error = await first_refusal(http, proxy)  # once the discovery cache has run out
     assert (status, error["code"]) == (503, "workspace_not_ready")
     gate.touch()
     events = await task
@@ -296,7 +347,6 @@ async def test_token_rotation_mid_session(
     Path(in_cluster["token_file"]).write_text("token-b-rotated\n")
     kube.tokens.clear()
     kube.add_token("token-b-rotated")
-    await asyncio.sleep(2.1)  # past the discovery cache, so the next exec lists pods again
     events = await exec_events(http, proxy, {"command": ["echo", "after rotation"]})
     assert output_of(events, "stdout") == b"after rotation\n"
     used = [r.headers.get("Authorization") for r in kube.requests[-4:]]
@@ -311,6 +361,29 @@ async def test_token_rotation_mid_session(
         assert "token-b" not in text
         assert TOKEN not in text
         assert "Bearer " not in text
+
+
+def test_token_file_is_reread_every_minute(tmp_path: Path) -> None:
+    """The token file is read again once a minute has passed (and not before), at once after
+    expire() (a 401), and an unreadable file keeps the previous token."""
+    from session_proxy.backends.kubernetes.credentials import TokenFile
+
+    now = [1000.0]
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    token = TokenFile(str(path), clock=lambda: now[0])
+    assert token.current() == "first"
+    path.write_text("second\n")
+    now[0] += 59.9
+    assert token.current() == "first"
+    now[0] += 0.1
+    assert token.current() == "second"
+    path.write_text("third\n")
+    token.expire()
+    assert token.current() == "third"
+    path.unlink()
+    now[0] += 60
+    assert token.current() == "third"
 
 
 async def test_in_cluster_without_service_host_stops_start_up(

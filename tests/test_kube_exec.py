@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote
@@ -199,6 +198,18 @@ async def test_status_and_logs(http: aiohttp.ClientSession, kube_setup: KubeSetu
         assert response.status == 200
 
 
+async def test_logs_are_bounded_in_bytes(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """/logs asks the API server for at most 1 MiB (limitBytes) and returns no more, however
+    long the log's lines are."""
+    kube_setup.pod.log_lines = ["x" * (3 * 1024 * 1024)]
+    async with http.get(f"{kube_setup.proxy.url}/logs?tail=1") as response:
+        assert response.status == 200
+        text = await response.text()
+    assert text == "x" * (1024 * 1024)
+    log_requests = [r for r in kube_setup.api.requests if r.path.endswith("/log")]
+    assert dict(log_requests[-1].query)["limitBytes"] == str(1024 * 1024)
+
+
 async def test_each_exec_carries_a_distinctive_user_agent(
     http: aiohttp.ClientSession, kube_setup: KubeSetup
 ) -> None:
@@ -206,7 +217,6 @@ async def test_each_exec_carries_a_distinctive_user_agent(
     events = await exec_events(http, kube_setup.proxy, {"command": ["true"]})
     agents = [r.headers.get("User-Agent", "") for r in kube_setup.api.exec_requests()]
     assert f"exec_id={events[0]['exec_id']}" in " ".join(agents)
-    assert os.environ.get("KUBERNETES_SERVICE_HOST") is None
 
 
 async def test_chatty_leftover_does_not_hold_the_request(

@@ -138,7 +138,6 @@ class KubernetesBackend:
             if found.kind in ("not_ready", "not_found", "terminating") and until >= spec.deadline:
                 raise refusals.out_of_time(spec.timeout, found.message)
             raise refusals.refusal(found)
-        self._metrics.workspace_ready.set(1)
         return found
 
     async def _open(self, workspace: Workspace, argv: list[str], exec_id: str, *, stdin: bool) -> ExecStream:
@@ -224,14 +223,11 @@ class KubernetesBackend:
         try:
             candidates = await self._locator.candidates()
         except KubeError as error:
-            self._metrics.workspace_ready.set(0)
             target["error"] = str(error)
             return BackendInfo(self.name, ready=False, target=target)
         usable = [c for c in candidates if c.usable]
         target["pods"] = [c.describe() for c in candidates]
-        ready = len(usable) == 1
-        self._metrics.workspace_ready.set(1 if ready else 0)
-        return BackendInfo(self.name, ready=ready, target=target)
+        return BackendInfo(self.name, ready=len(usable) == 1, target=target)
 
     async def logs(self, tail: int) -> str:
         """The last ``tail`` lines, at most LOG_LIMIT_BYTES of them (asked of the API server too)."""
