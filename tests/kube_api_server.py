@@ -452,6 +452,9 @@ class KubeApiServer:
         if chosen is None:
             return web.Response(status=403)  # the handshake rejects: empty body
         if (not pod.container_running or pod.container_gone) and chosen == V4:
+            # The CRI streaming server refuses with a plain-text 500 (k8s.io/kubelet
+            # pkg/cri/streaming/errors.go WriteError) and the API server's UpgradeAwareHandler
+            # passes a non-101 answer through (apimachinery pkg/util/proxy/upgradeaware.go).
             return web.Response(status=500, text=f'container not found ("{container}")')
         # Pings are answered by hand (ExecSession.receive), so that faults can see and drop them.
         ws = web.WebSocketResponse(protocols=(chosen,), max_msg_size=0, autoping=False)
@@ -585,7 +588,11 @@ class ExecSession:
         try:
             done = await asyncio.gather(*outputs, return_exceptions=True)
             if any(isinstance(result, BaseException) for result in done) or self.ws.closed:
-                return  # client gone or stream dropped: the process is left to run, as in a runtime
+                # Client gone or stream dropped: the process is left to run, as containerd does
+                # (internal/cri/server/container_execsync.go, comment on execInContainer: "if the
+                # `kubectl exec -it` process is killed, IO will be closed ... still have a
+                # goroutine waiting for the exec process to exit"; kubernetes/kubernetes#89031).
+                return
             code = await process.wait()
             await self.status(exit_status(code, self.protocol))
         finally:
@@ -661,7 +668,7 @@ def exec_failure(command: list[str], error: OSError) -> dict[str, Any]:
 
 def exit_status(code: int, protocol: str) -> dict[str, Any]:
     if code < 0:
-        code = 128 - code  # the runtime reports a signal death as 128+N
+        code = 128 - code  # a signal death is 128+N: runc libcontainer/utils ExitStatus
     if code == 0:
         return {"metadata": {}, "status": "Success"}
     if protocol == V5:

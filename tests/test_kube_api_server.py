@@ -112,3 +112,32 @@ async def test_kubectl_without_valid_token_is_unauthorized(kube: Any, tmp_path: 
     code, _, err = await kubectl(config, "get", "pods")
     assert code == 1
     assert b"Unauthorized" in err or b"provide credentials" in err
+
+
+@pytest.mark.parametrize("api_mode", ["modern"])  # kubectl speaks only v5 over WebSocket
+async def test_kubectl_sees_a_killed_process_as_128_plus_n(kube: Any, kubeconfig: Path) -> None:
+    """A process killed by SIGKILL reaches kubectl as `command terminated with exit code 137`,
+    and kubectl exits 137: the status this server writes for a signal death is the real one.
+    (That runtimes report a signal death as 128+N is runc's rule: libcontainer/utils
+    `ExitStatus`, `exitSignalOffset = 128`; containerd passes it on unchanged.)"""
+    kube.add_pod("ws")
+    code, _, err = await kubectl(
+        kubeconfig, "exec", "ws", "-c", "workspace", "--", "sh", "-c", "kill -KILL $$"
+    )
+    assert err.endswith(b"command terminated with exit code 137\n"), err
+    assert code == 137
+
+
+@pytest.mark.parametrize("api_mode", ["modern"])
+async def test_kubectl_sees_a_lost_container_after_the_upgrade_on_v5(kube: Any, kubeconfig: Path) -> None:
+    """On the v5 path a container the kubelet cannot find is reported after the upgrade, as an
+    InternalError status on channel 3, which kubectl prints as the error (exit 1). (The v4 path
+    answers HTTP 500 before the upgrade instead: the CRI streaming server writes the error with
+    `WriteError`, k8s.io/kubelet pkg/cri/streaming/errors.go, and the API server's
+    UpgradeAwareHandler passes a non-101 answer through, apimachinery pkg/util/proxy/upgradeaware.go;
+    kubectl cannot show it, since it offers only v5 over WebSocket.)"""
+    kube.add_pod("ws", container_gone=True)
+    code, _, err = await kubectl(kubeconfig, "exec", "ws", "-c", "workspace", "--", "true")
+    assert b'unable to upgrade connection: container not found ("workspace")' in err, err
+    assert code == 1
+    assert kube.exec_requests()[-1].headers["Sec-WebSocket-Protocol"] == "v5.channel.k8s.io"
