@@ -174,6 +174,43 @@ def matches_selector(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+class PodHistory:
+    """Resource versions and watch events for pods that tests change by plain attribute writes.
+
+    Each look (list, get, a watch's poll) compares every pod's manifest with the last one seen;
+    a difference is a new revision and an ADDED, MODIFIED or DELETED event, as etcd would record.
+    """
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # stamped with its resourceVersion
+        self.events: list[tuple[int, str, dict[str, Any]]] = []  # (revision, type, object)
+
+    def observe(self, pods: dict[tuple[str, str], FakePod]) -> None:
+        for key, pod in pods.items():
+            manifest, old = pod.manifest(), self.seen.get(key)
+            if old is not None and old["metadata"]["uid"] != manifest["metadata"]["uid"]:
+                self._record("DELETED", key, old)  # re-created under the same name
+                old = None
+            if old is not None and _without_version(old) == _without_version(manifest):
+                continue
+            self._record("ADDED" if old is None else "MODIFIED", key, manifest)
+        for key in [key for key in self.seen if key not in pods]:
+            self._record("DELETED", key, self.seen.pop(key))
+
+    def _record(self, kind: str, key: tuple[str, str], manifest: dict[str, Any]) -> None:
+        self.revision += 1
+        manifest = json.loads(json.dumps(manifest))
+        manifest["metadata"]["resourceVersion"] = str(self.revision)
+        if kind != "DELETED":
+            self.seen[key] = manifest
+        self.events.append((self.revision, kind, manifest))
+
+
+def _without_version(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": ""}}
+
+
 def query_bool(query: Any, name: str) -> bool:
     """Kubernetes' rule: missing, '0' or 'false' is false; anything else (even '') is true."""
     if name not in query:
@@ -193,6 +230,8 @@ class KubeApiServer:
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) denied to everyone
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
+        self.history = PodHistory()
+        self._stopping = False
         self.on_exec: Callable[[FakePod, list[str]], None] | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -279,6 +318,7 @@ class KubeApiServer:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping = True  # ends open watches
         for task in list(self._exec_tasks):
             task.cancel()
         await asyncio.gather(*self._exec_tasks, return_exceptions=True)
@@ -378,18 +418,67 @@ class KubeApiServer:
 
     # ---- pods ----------------------------------------------------------------------------
 
-    async def _list_pods(self, request: web.Request) -> web.Response:
+    async def _list_pods(self, request: web.Request) -> web.StreamResponse:
+        if query_bool(request.query, "watch"):
+            return await self._watch_pods(request)
         if denied := self._deny(request, "list", "pods"):
             return denied
-        ns = request.match_info["ns"]
-        selector = request.query.get("labelSelector", "")
-        items = [
-            pod.manifest() for (pod_ns, _), pod in sorted(self.pods.items())
-            if pod_ns == ns and matches_selector(pod.labels, selector)
-        ]  # fmt: skip
-        return web.json_response(
-            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
-        )
+        self.history.observe(self.pods)
+        items = [manifest for _, _, manifest in self._matching(request, self.history.seen.values())]
+        return web.json_response({
+            "kind": "PodList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(self.history.revision)}, "items": items,
+        })  # fmt: skip
+
+    def _matching(
+        self, request: web.Request, manifests: Any, kind: str = "ADDED", after: int = 0
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """(revision, type, object) for the manifests in the request's namespace and selector."""
+        ns, selector = request.match_info["ns"], request.query.get("labelSelector", "")
+        found = []
+        for manifest in sorted(manifests, key=lambda m: str(m["metadata"]["name"])):
+            metadata = manifest["metadata"]
+            revision = int(metadata["resourceVersion"])
+            if (
+                metadata["namespace"] == ns
+                and matches_selector(metadata["labels"], selector)
+                and revision > after
+            ):
+                found.append((revision, kind, manifest))
+        return found
+
+    async def _watch_pods(self, request: web.Request) -> web.StreamResponse:
+        """``watch=true``: one JSON event per line from ``resourceVersion`` on (none or "0":
+        the current pods as ADDED first), until ``timeoutSeconds``, as the API server does."""
+        if denied := self._deny(request, "watch", "pods"):
+            return denied
+        self.history.observe(self.pods)
+        since = request.query.get("resourceVersion", "")
+        pending: list[tuple[int, str, dict[str, Any]]] = []
+        if since in ("", "0"):
+            pending = self._matching(request, self.history.seen.values())
+            since = str(self.history.revision)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(request.query.get("timeoutSeconds") or 1800)
+        last = int(since)
+        with contextlib.suppress(ConnectionError):
+            while not self._stopping and loop.time() < deadline:
+                for revision, kind, manifest in pending:
+                    await response.write(json.dumps({"type": kind, "object": manifest}).encode() + b"\n")
+                    last = max(last, revision)
+                await asyncio.sleep(0.02)
+                self.history.observe(self.pods)
+                pending = [
+                    event
+                    for revision, kind, manifest in self.history.events
+                    if revision > last
+                    for event in self._matching(request, [manifest], kind, last)
+                ]
+            await response.write_eof()
+        return response
 
     def _pod_or_404(self, request: web.Request) -> FakePod | web.Response:
         name = request.match_info["name"]
@@ -402,7 +491,10 @@ class KubeApiServer:
         if denied := self._deny(request, "get", "pods", request.match_info["name"]):
             return denied
         pod = self._pod_or_404(request)
-        return pod if isinstance(pod, web.Response) else web.json_response(pod.manifest())
+        if isinstance(pod, web.Response):
+            return pod
+        self.history.observe(self.pods)
+        return web.json_response(self.history.seen[(pod.namespace, pod.name)])
 
     async def _pod_log(self, request: web.Request) -> web.Response:
         if denied := self._deny(request, "get", "pods/log", request.match_info["name"]):

@@ -141,3 +141,37 @@ async def test_kubectl_sees_a_lost_container_after_the_upgrade_on_v5(kube: Any, 
     assert b'unable to upgrade connection: container not found ("workspace")' in err, err
     assert code == 1
     assert kube.exec_requests()[-1].headers["Sec-WebSocket-Protocol"] == "v5.channel.k8s.io"
+
+
+async def test_kubectl_watches_pods(kube: Any, kubeconfig: Path) -> None:
+    """`kubectl get pods -w` lists, then watches from the list's resourceVersion and prints each
+    change as it happens: the test server's watch streams are the real wire format."""
+    assert KUBECTL
+    pod = kube.add_pod("ws-1", labels={"session": "s1"})
+    template = "jsonpath={.type} {.object.metadata.name} {.object.status.conditions[0].status}{'\\n'}"
+    process = await asyncio.create_subprocess_exec(
+        KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(kubeconfig.parent / "kcache"),
+        "get", "pods", "-l", "session=s1", "-w", "--output-watch-events", "-o", template,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+
+    async def line() -> bytes:
+        assert process.stdout is not None
+        return await asyncio.wait_for(process.stdout.readline(), timeout=30)
+
+    try:
+        assert await line() == b"ADDED ws-1 True\n"
+        pod.ready = False
+        assert await line() == b"MODIFIED ws-1 False\n"
+        kube.add_pod("other", labels={"session": "s2"})  # not selected: no event
+        kube.delete_pod("ws-1")
+        assert await line() == b"DELETED ws-1 False\n"
+    finally:
+        process.kill()
+        await process.wait()
+    listed, watched = [dict(r.query) for r in kube.requests if r.path.endswith("/pods")][-2:]
+    assert watched["watch"] == "true"
+    assert watched["labelSelector"] == "session=s1"
+    assert int(watched["resourceVersion"]) >= 1
+    assert "watch" not in listed

@@ -121,7 +121,8 @@ async def test_right_owner_is_accepted(
 async def test_waits_for_a_starting_pod_with_waiting_events(
     http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
-    """A request during image pull streams `waiting` events with the reason, then runs."""
+    """A request during image pull streams `waiting` events with the reason, then runs as soon
+    as the pod watch reports it ready."""
     pod = kube.add_pod("ws-1", labels=LABELS, phase="Pending", ready=False, container_running=False,
                        waiting_reason="ImagePullBackOff")  # fmt: skip
     proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=20)
@@ -135,6 +136,29 @@ async def test_waits_for_a_starting_pod_with_waiting_events(
     assert "ImagePullBackOff" in events[0]["message"]
     assert [e["type"] for e in events].index("start") > 0
     assert output_of(events, "stdout") == b"ran\n"
+    # It waited on a pod watch from the list's version, not by listing again and again.
+    pod_requests = [dict(r.query) for r in kube.requests if r.path.endswith("/pods")]
+    assert [q.get("watch") for q in pod_requests][:2] == [None, "true"], pod_requests
+    assert len([q for q in pod_requests if "watch" not in q]) == 1, pod_requests
+    assert pod_requests[1]["resourceVersion"].isdigit()
+
+
+async def test_role_without_watch_falls_back_to_polling(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A Role that does not grant `watch` on pods still lets a request wait for a starting pod:
+    the proxy lists again instead."""
+    pod = kube.add_pod("ws-1", labels=LABELS, ready=False)
+    kube.forbidden.add(("watch", "pods"))
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=20)
+    events = []
+    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
+        async for line in response.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "waiting":
+                pod.ready = True
+    assert output_of(events, "stdout") == b"ran\n"
+    assert final(events)["exit_code"] == 0
 
 
 async def test_not_ready_after_the_wait_is_503(

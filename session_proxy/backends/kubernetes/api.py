@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -149,27 +150,34 @@ class KubeApi:
                 raise self._unreachable(error) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def watch(self, path: str, query: dict[str, str], timeout: float) -> AsyncIterator[dict[str, Any]]:
-        """The events of a ``watch=true`` list, one JSON object per line, for up to ``timeout``."""
-        url = self.host + path + "?" + urlencode({**query, "watch": "true"})
+    async def watch(
+        self, path: str, query: dict[str, str], seconds: float
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The events of a ``watch=true`` list, one JSON object per line; the server ends the
+        stream after ``seconds`` (rounded up to whole seconds, as ``timeoutSeconds`` takes them)."""
+        query = {**query, "watch": "true", "timeoutSeconds": str(max(1, math.ceil(seconds)))}
+        url = self.host + path + "?" + urlencode(query)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._settings.api_timeout,
+            sock_read=seconds + self._settings.api_timeout,
+        )
         try:
             async with self._session.get(
-                url,
-                headers=await self._authorization(),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._settings.api_timeout),
-                allow_redirects=False,
+                url, headers=await self._authorization(), timeout=timeout, allow_redirects=False
             ) as response:
                 if response.status >= 400:
-                    text = (await _read_capped(response.content, MAX_BODY_BYTES))[0].decode(errors="replace")
-                    raise self._refused(response.status, text, path)
+                    body, _ = await _read_capped(response.content, MAX_BODY_BYTES)
+                    raise self._refused(response.status, body.decode(errors="replace"), path)
                 while line := await response.content.readline(max_line_length=WATCH_LINE_BYTES):
                     if line.strip():
                         try:
-                            yield json.loads(line)
+                            event = json.loads(line)
                         except ValueError:
                             raise Unavailable(
                                 f"API server sent a watch line that is not JSON for {path}"
                             ) from None
+                        yield event
         except (aiohttp.ClientError, TimeoutError, HttpProcessingError) as error:
             raise self._unreachable(error) from None
 

@@ -9,6 +9,7 @@ deleted and re-created pod is found again on the next look.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from typing import Any, Final, Literal
 
 from ...settings import Settings
 from .api import KubeApi
-from .api_errors import NotFound
+from .api_errors import Forbidden, NotFound
 
 CACHE_SECONDS: Final = 2.0
+# Without a watch (the Role lacks it), or when the API server ends watches at once.
 POLL_SECONDS: Final = 1.0
-# While a request waits, it is told why at least this often (clients and proxies see progress).
-WAITING_EVERY: Final = 5.0
+# While a request waits, it is told why at least every 5 s (clients and proxies see progress).
+WAITING_EVERY: Final = 4.5
 
 ProblemKind = Literal["not_found", "ambiguous", "not_ready", "terminating", "wrong_owner"]
 # Problems that waiting does not solve: reported at once.
@@ -146,10 +148,19 @@ class WorkspaceLocator:
     def forget(self) -> None:
         self._cached = None
 
+    @property
+    def _pods_path(self) -> str:
+        return f"/api/v1/namespaces/{self._namespace}/pods"
+
+    async def _list(self) -> tuple[dict[str, Workspace], str]:
+        """The matching pods by uid, and the resourceVersion to watch them from."""
+        document = await self._api.get_json(self._pods_path, {"labelSelector": self._selector})
+        pods = [assess(pod, self._settings) for pod in document.get("items") or []]
+        version = str((document.get("metadata") or {}).get("resourceVersion") or "")
+        return {pod.uid: pod for pod in pods}, version
+
     async def candidates(self) -> list[Workspace]:
-        path = f"/api/v1/namespaces/{self._namespace}/pods"
-        document = await self._api.get_json(path, {"labelSelector": self._selector})
-        return [assess(pod, self._settings) for pod in document.get("items") or []]
+        return list((await self._list())[0].values())
 
     async def pod_state(self, name: str) -> dict[str, Any] | None:
         """The pod's current manifest, or None if it is gone."""
@@ -168,18 +179,62 @@ class WorkspaceLocator:
         loop = asyncio.get_running_loop()
         told_at = float("-inf")
         told = ""
+        pods, version = await self._list()
         while True:
-            found = self.choose(await self.candidates())
+            found = self.choose(list(pods.values()))
             if isinstance(found, Workspace):
                 self._cached, self._cached_at = found, time.monotonic()
                 return found
             now = loop.time()
             if found.kind in SETTLED or now >= until:
                 return found
-            if found.message != told or now - told_at >= WAITING_EVERY - POLL_SECONDS:
+            if found.message != told or now - told_at >= WAITING_EVERY:
                 told, told_at = found.message, now
                 await on_waiting(found.message)
-            await asyncio.sleep(min(POLL_SECONDS, max(0.0, until - loop.time())))
+            version = await self._next_change(pods, version, min(until, told_at + WAITING_EVERY))
+            if not version:
+                pods, version = await self._list()
+
+    async def _next_change(self, pods: dict[str, Workspace], version: str, until: float) -> str:
+        """Watch the pods from ``version`` until one changes (applied to ``pods``) or the loop
+        time ``until``; the version to go on from, or "" when the pods must be listed again."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        query = {"labelSelector": self._selector, "resourceVersion": version, "allowWatchBookmarks": "true"}
+        try:
+            async with asyncio.timeout_at(until):
+                watch = self._api.watch(self._pods_path, query, until - started)
+                async with contextlib.aclosing(watch) as events:
+                    async for event in events:
+                        changed = self._apply(event, pods)
+                        if changed is not None:
+                            return changed
+        except TimeoutError:
+            return version
+        except Forbidden:  # a Role without "watch": poll instead
+            await asyncio.sleep(max(0.0, min(POLL_SECONDS, until - started)))
+            return ""
+        # The server ended the watch early: pause, so one that ends them at once cannot spin us.
+        await asyncio.sleep(max(0.0, min(POLL_SECONDS - (loop.time() - started), until - loop.time())))
+        return version
+
+    def _apply(self, event: dict[str, Any], pods: dict[str, Workspace]) -> str | None:
+        """Apply a watch event to ``pods``: the new version ("" to list again), None for a bookmark."""
+        try:
+            kind, manifest = event["type"], event["object"]
+            if kind == "ERROR":
+                return ""  # e.g. 410 Gone: the version is too old to watch from
+            version = str(manifest["metadata"]["resourceVersion"])
+            if kind == "BOOKMARK":
+                return None
+            workspace = assess(manifest, self._settings)
+        except (KeyError, TypeError, AttributeError):
+            return ""  # not the event it should be: start again from a list
+        if kind == "DELETED":
+            pods.pop(workspace.uid, None)
+        else:
+            pods[workspace.uid] = workspace
+        return version
 
     def choose(self, candidates: list[Workspace]) -> Workspace | WorkspaceProblem:
         """The one usable pod among the candidates, or what is wrong with them."""
