@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,25 @@ async def test_hung_image_probe_is_bounded_by_the_request_timeout(
     events = await exec_events(http, proxy, {"command": ["echo", "probed again"]})
     assert events[0]["guarantees"]["kill"] is True
     assert output_of(events, "stdout") == b"probed again\n"
+
+
+async def test_hung_probe_after_waiting_ends_with_an_exit_event(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Once `waiting` events went out, a probe that hangs past the request's deadline ends the
+    stream with one `exit` event (reason error, saying why), not a cut connection."""
+    pod = kube.add_pod("ws-1", labels=LABELS, ready=False)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=60)
+    kube.faults.append(Fault(path="/exec", stall=True, times=1))
+    events: list[dict[str, Any]] = []
+    async with http.post(f"{proxy.url}/exec", json={"command": ["true"], "timeout": 3}) as response:
+        async for line in response.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "waiting":
+                pod.ready = True
+    assert events[0]["type"] == "waiting"
+    assert final(events)["reason"] == "error"
+    assert "probe" in final(events)["message"]
 
 
 async def test_inconclusive_probe_is_not_cached(

@@ -9,7 +9,10 @@ the way (a load balancer, a NAT, an API server before kubernetes/kubernetes#1301
 command that prints nothing for minutes. A peer that stays silent, pongs included, for
 ``ping_timeout`` while we wait for it is gone. Time we spend not reading (a slow client holds
 the stream back) does not count: the peer's frames then wait in our buffers, they are not
-missing.
+missing. (aiohttp's own ``heartbeat=`` does send pings, but only after ``heartbeat`` seconds
+without *received* data, and closes the connection when no pong comes within half that, so the
+window cannot be set apart from the interval; and while a slow client holds reading back, the
+paused transport hides the pong and a live stream would be dropped.)
 """
 
 from __future__ import annotations
