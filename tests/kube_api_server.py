@@ -183,6 +183,7 @@ class PodHistory:
 
     def __init__(self) -> None:
         self.revision = 1
+        self.compacted = 0  # watching from a revision at or below this one is "410 Expired"
         self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # stamped with its resourceVersion
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # (revision, type, object)
 
@@ -461,6 +462,12 @@ class KubeApiServer:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        if int(since) <= self.history.compacted:  # etcd compacted it: one ERROR event, then the end
+            message = f"too old resource version: {since} ({self.history.compacted + 1})"
+            error = {"type": "ERROR", "object": status_body(410, "Expired", message)}
+            await response.write(json.dumps(error).encode() + b"\n")
+            await response.write_eof()
+            return response
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(request.query.get("timeoutSeconds") or 1800)
         last = int(since)

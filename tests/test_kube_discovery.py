@@ -143,6 +143,25 @@ async def test_waits_for_a_starting_pod_with_waiting_events(
     assert pod_requests[1]["resourceVersion"].isdigit()
 
 
+async def test_expired_watch_version_lists_again(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A watch answered with 410 Expired (its version compacted away) makes the proxy list
+    again, so the pod becoming ready is still seen."""
+    pod = kube.add_pod("ws-1", labels=LABELS, ready=False)
+    kube.history.compacted = 10**9  # every watch finds its version expired
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=8)
+    events = []
+    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
+        async for line in response.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "waiting":
+                pod.ready = True
+    assert output_of(events, "stdout") == b"ran\n"
+    lists = [r for r in kube.requests if r.path.endswith("/pods") and ("watch", "true") not in r.query]
+    assert len(lists) >= 2
+
+
 async def test_role_without_watch_falls_back_to_polling(
     http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:

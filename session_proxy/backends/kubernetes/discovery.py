@@ -206,35 +206,38 @@ class WorkspaceLocator:
                 watch = self._api.watch(self._pods_path, query, until - started)
                 async with contextlib.aclosing(watch) as events:
                     async for event in events:
-                        changed = self._apply(event, pods)
-                        if changed is not None:
-                            return changed
+                        version, changed = self._apply(event, pods)
+                        if changed and version:
+                            return version
+                        if changed:
+                            break  # list again, after the pause below
         except TimeoutError:
             return version
         except Forbidden:  # a Role without "watch": poll instead
-            await asyncio.sleep(max(0.0, min(POLL_SECONDS, until - started)))
-            return ""
-        # The server ended the watch early: pause, so one that ends them at once cannot spin us.
+            version = ""
+        # The watch ended early or was refused: pause, so a server that does that at once
+        # every time cannot make us spin.
         await asyncio.sleep(max(0.0, min(POLL_SECONDS - (loop.time() - started), until - loop.time())))
         return version
 
-    def _apply(self, event: dict[str, Any], pods: dict[str, Workspace]) -> str | None:
-        """Apply a watch event to ``pods``: the new version ("" to list again), None for a bookmark."""
+    def _apply(self, event: dict[str, Any], pods: dict[str, Workspace]) -> tuple[str, bool]:
+        """Apply a watch event to ``pods``: the version it brings ("" to list again), and
+        whether the pods may have changed (a bookmark only moves the version on)."""
         try:
             kind, manifest = event["type"], event["object"]
             if kind == "ERROR":
-                return ""  # e.g. 410 Gone: the version is too old to watch from
+                return "", True  # e.g. 410 Gone: the version is too old to watch from
             version = str(manifest["metadata"]["resourceVersion"])
             if kind == "BOOKMARK":
-                return None
+                return version, False
             workspace = assess(manifest, self._settings)
         except (KeyError, TypeError, AttributeError):
-            return ""  # not the event it should be: start again from a list
+            return "", True  # not the event it should be: start again from a list
         if kind == "DELETED":
             pods.pop(workspace.uid, None)
         else:
             pods[workspace.uid] = workspace
-        return version
+        return version, True
 
     def choose(self, candidates: list[Workspace]) -> Workspace | WorkspaceProblem:
         """The one usable pod among the candidates, or what is wrong with them."""
