@@ -26,7 +26,7 @@ from kubernetes_asyncio import config as kube_config
 
 from ...settings import Settings
 from .api_errors import ConfigurationError, KubeError, Unavailable, error_from_body, handshake_error
-from .credentials import TOKEN_REFRESH_SECONDS, TokenFile, in_cluster_host
+from .credentials import TokenFile, in_cluster_host
 from .exec_stream import V4, V5, ExecStream
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,10 @@ class KubeApi:
         settings: Settings,
         on_error: Callable[[str], None],
         on_latency: Callable[[str, float], None],
-        token_refresh: float = TOKEN_REFRESH_SECONDS,
     ) -> None:
         self._settings = settings
         self._on_error = on_error
         self._on_latency = on_latency
-        self._token_refresh = token_refresh
         self._configuration: kube_client.Configuration | None = None
         self._api_client: kube_client.ApiClient | None = None
         self._token_file: TokenFile | None = None
@@ -66,7 +64,7 @@ class KubeApi:
         else:
             configuration.host = in_cluster_host()
             configuration.ssl_ca_cert = self._settings.ca_file
-            self._token_file = TokenFile(self._settings.token_file, self._token_refresh)
+            self._token_file = TokenFile(self._settings.token_file)
             self._token_file.current()
         # Every exec holds a connection for its whole life: size the pool for all of them.
         configuration.connection_pool_maxsize = self._settings.max_concurrent * 3 + 10

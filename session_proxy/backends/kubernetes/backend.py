@@ -19,7 +19,6 @@ from ..base import BackendInfo, ExecSpec, ExitStatus, WaitingCallback
 from . import refusals
 from .api import KubeApi
 from .api_errors import KubeError
-from .credentials import TOKEN_REFRESH_SECONDS
 from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
 from .exec_stream import STDOUT, ExecStream
 from .execution import KubernetesExecution, explain_exec_failure
@@ -38,12 +37,10 @@ LOG_LIMIT_BYTES: Final = 1024 * 1024
 class KubernetesBackend:
     name = "kubernetes"
 
-    def __init__(
-        self, settings: Settings, metrics: Metrics, *, token_refresh: float = TOKEN_REFRESH_SECONDS
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api, token_refresh)
+        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[str, ImageTools] = {}
 
@@ -76,13 +73,14 @@ class KubernetesBackend:
         self, spec: ExecSpec, workspace: Workspace, target: str, tools: ImageTools
     ) -> KubernetesExecution:
         nonce = new_nonce()
+        remaining = math.ceil(spec.deadline - asyncio.get_running_loop().time())
         header = encode_header(
             nonce=nonce,
             argv=spec.argv,
             workdir=spec.workdir,
             env=spec.env,
             stdin_length=len(spec.stdin or b""),
-            deadline=math.ceil(spec.timeout) + math.ceil(self._settings.kill_grace) + BACKSTOP_MARGIN,
+            deadline=max(1, remaining) + math.ceil(self._settings.kill_grace) + BACKSTOP_MARGIN,
             grace=math.ceil(self._settings.kill_grace),
         )
         stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
