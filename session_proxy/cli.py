@@ -11,8 +11,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Final
 
 from pydantic import ValidationError
 
@@ -33,16 +33,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag_name(name), dest=name, metavar="VALUE", help=help_text)
 
 
-def settings_from(flags: argparse.Namespace, environ: dict[str, str]) -> Settings:
-    """Flags win over ``SESSION_PROXY_*`` variables; unset ones keep their defaults."""
-    values: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        flag_value = getattr(flags, name, None)
-        if flag_value is not None:
-            values[name] = flag_value
-        elif env_name(name) in environ:
-            values[name] = environ[env_name(name)]
-    return Settings.model_validate(values)
+def settings_from(flags: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The settings from parsed ``serve`` flags and an environment (see ``Settings.load``)."""
+    given = {name: getattr(flags, name, None) for name in Settings.model_fields}
+    return Settings.load(given, environ)
 
 
 def describe_settings_error(error: ValidationError) -> str:
@@ -64,7 +58,7 @@ def _serve(flags: argparse.Namespace) -> int:
     from .server import ProxyServer
 
     try:
-        settings = settings_from(flags, dict(os.environ))
+        settings = settings_from(flags, os.environ)
     except ValidationError as error:
         print(f"session-proxy: {describe_settings_error(error)}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,13 +2,14 @@
 
 Every field is a public setting: flag ``--some-name`` and variable ``SESSION_PROXY_SOME_NAME``
 (the flag wins). The names are part of the interface manifests depend on, so renaming one is a
-breaking change.
+breaking change. The environment is read in one place, :meth:`Settings.load`; the model itself
+has fixed defaults, so ``Settings(...)`` in a test never depends on the process's variables.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,8 +68,14 @@ def parse_listen_address(value: str) -> ListenAddress:
     return TcpAddress(host, int(port_text))
 
 
-def _in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+# Settings whose default comes from a variable that is not ours: the downward API, kubectl's
+# KUBECONFIG. The SESSION_PROXY_ variable and the flag still win over these.
+INHERITED_VARIABLES: Mapping[str, str] = {
+    "kubeconfig": "KUBECONFIG",
+    "namespace": "POD_NAMESPACE",
+    "session_name": "SESSION_NAME",
+}
+IN_CLUSTER_VARIABLE = "KUBERNETES_SERVICE_HOST"  # set by the kubelet in every pod
 
 
 class Settings(BaseModel):
@@ -91,24 +98,16 @@ class Settings(BaseModel):
 
     # Backend
     backend: Literal["kubernetes", "local"] = Field(
-        default_factory=lambda: "kubernetes" if _in_cluster() else "local",
-        description="where commands run",
+        "local", description="where commands run; default kubernetes inside a cluster"
     )
-    local_root: Path = Field(default_factory=Path.cwd, description="local backend working dir")
-    kubeconfig: str | None = Field(
-        default_factory=lambda: os.environ.get("KUBECONFIG") or None,
-        description="kubeconfig file instead of in-cluster config",
-    )
+    local_root: Path = Field(Path("."), validate_default=True, description="local backend working dir")
+    kubeconfig: str | None = Field(None, description="kubeconfig file instead of in-cluster config")
     token_file: str = Field(DEFAULT_TOKEN_FILE, description="service-account token file")
     ca_file: str = Field(DEFAULT_CA_FILE, description="API server CA bundle")
     namespace: str | None = Field(
-        default_factory=lambda: os.environ.get("POD_NAMESPACE") or None,
-        description="namespace of the workspace pod (downward API POD_NAMESPACE)",
+        None, description="namespace of the workspace pod (downward API POD_NAMESPACE)"
     )
-    session_name: str | None = Field(
-        default_factory=lambda: os.environ.get("SESSION_NAME") or None,
-        description="session name (downward API SESSION_NAME)",
-    )
+    session_name: str | None = Field(None, description="session name (downward API SESSION_NAME)")
     workspace_selector: str | None = Field(
         None,
         description="label selector of the workspace pod; default session=$SESSION_NAME,type=workspace",
@@ -147,6 +146,27 @@ class Settings(BaseModel):
     # Logs
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @classmethod
+    def load(cls, flags: Mapping[str, object | None], environ: Mapping[str, str]) -> Settings:
+        """Build the settings: a flag, else its ``SESSION_PROXY_`` variable, else the default.
+
+        ``flags`` maps field names to given values (None: not given). Defaults that depend on
+        where the proxy runs (in a cluster, the downward API, ``KUBECONFIG``) are read here from
+        ``environ`` and nowhere else. Raises pydantic's ``ValidationError`` on a bad value.
+        """
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            given = flags.get(name)
+            if given is not None:
+                values[name] = given
+            elif env_name(name) in environ:
+                values[name] = environ[env_name(name)]
+            elif environ.get(INHERITED_VARIABLES.get(name, "")):
+                values[name] = environ[INHERITED_VARIABLES[name]]
+        if "backend" not in values and environ.get(IN_CLUSTER_VARIABLE):
+            values["backend"] = "kubernetes"
+        return cls.model_validate(values)
 
     @field_validator("unix_socket_mode", mode="before")
     @classmethod

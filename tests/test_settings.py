@@ -18,9 +18,8 @@ def parse(argv: list[str], environ: dict[str, str]) -> Settings:
     return settings_from(build_parser().parse_args(["serve", *argv]), environ)
 
 
-def test_defaults_match_the_documented_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_match_the_documented_table() -> None:
     """Without flags or variables, the defaults are DESIGN's (outside a cluster: local backend)."""
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     settings = parse([], {})
     assert settings.listen == "127.0.0.1:8081"
     assert settings.ops_listen == "0.0.0.0:9464"
@@ -33,16 +32,34 @@ def test_defaults_match_the_documented_table(tmp_path: Path, monkeypatch: pytest
     assert (settings.kill_grace, settings.shutdown_grace) == (5, 20)
 
 
-def test_in_cluster_default_backend_is_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_cluster_default_backend_is_kubernetes() -> None:
     """KUBERNETES_SERVICE_HOST (set in every pod) makes kubernetes the default backend."""
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    monkeypatch.setenv("SESSION_NAME", "s1")
-    assert parse([], {}).backend == "kubernetes"
+    settings = parse([], {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "SESSION_NAME": "s1"})
+    assert settings.backend == "kubernetes"
+    assert parse(["--backend", "local"], {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).backend == "local"
 
 
-def test_kubernetes_backend_needs_a_selector(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_downward_api_variables_fill_defaults_and_lose_to_our_own() -> None:
+    """POD_NAMESPACE, SESSION_NAME and KUBECONFIG are defaults; SESSION_PROXY_* and flags win."""
+    environ = {"POD_NAMESPACE": "ns1", "SESSION_NAME": "s1", "KUBECONFIG": "/k/config"}
+    settings = parse([], environ)
+    assert (settings.namespace, settings.session_name, settings.kubeconfig) == ("ns1", "s1", "/k/config")
+    settings = parse(["--namespace", "ns3"], {**environ, "SESSION_PROXY_SESSION_NAME": "s2"})
+    assert (settings.namespace, settings.session_name) == ("ns3", "s2")
+
+
+def test_settings_model_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ``Settings.load`` reads variables: the model's own defaults are fixed."""
+    for name, value in [("KUBERNETES_SERVICE_HOST", "10.0.0.1"), ("SESSION_NAME", "s1"),
+                        ("POD_NAMESPACE", "ns1"), ("KUBECONFIG", "/k/config")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.backend == "local"
+    assert settings.session_name is settings.namespace is settings.kubeconfig is None
+
+
+def test_kubernetes_backend_needs_a_selector() -> None:
     """Without SESSION_NAME or --workspace-selector there is nothing to select: refused."""
-    monkeypatch.delenv("SESSION_NAME", raising=False)
     with pytest.raises(ValidationError) as caught:
         parse(["--backend", "kubernetes"], {})
     assert "--workspace-selector" in describe_settings_error(caught.value)
