@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Final
 
 from aiohttp import web
 
@@ -15,9 +18,12 @@ from .metrics import Metrics
 from .settings import Settings
 from .supervisor import Supervisor
 
+CLEANUP_SLACK: Final = 2.0
 
-class BackendUnavailable(Exception):
-    """The configured backend cannot be built (missing module, bad configuration)."""
+
+class StartupFailed(Exception):
+    """The proxy cannot start as configured: the backend cannot be built or opened, or the
+    auth token file cannot be read. The message says what to fix."""
 
 
 def build_backend(settings: Settings, metrics: Metrics) -> ExecBackend:
@@ -30,7 +36,7 @@ def build_backend(settings: Settings, metrics: Metrics) -> ExecBackend:
     try:
         return KubernetesBackend(settings, metrics)
     except ValueError as error:
-        raise BackendUnavailable(str(error)) from None
+        raise StartupFailed(str(error)) from None
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -40,18 +46,22 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     try:
         app[AUTH_TOKEN] = auth.load_or_create(token_file) if token_file else ""
     except (OSError, ValueError) as error:
-        raise BackendUnavailable(f"auth_token_file: {error}") from error
+        raise StartupFailed(f"auth_token_file: {error}") from error
     try:
         await app[BACKEND].open()
     except Exception as error:
         await app[BACKEND].close()
-        raise BackendUnavailable(f"backend {app[BACKEND].name}: {error}") from error
+        raise StartupFailed(f"backend {app[BACKEND].name}: {error}") from error
     yield
-    await app[SUPERVISOR].wait_background()
+    # Clean-up tasks end within the kill grace; a stuck one must not hold the exit for ever.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(app[SETTINGS].kill_grace + CLEANUP_SLACK):
+            await app[SUPERVISOR].wait_background()
     await app[BACKEND].close()
 
 
-async def _no_caching(request: web.Request, response: web.StreamResponse) -> None:
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``Cache-Control: no-store`` and ``X-Content-Type-Options: nosniff`` on every answer."""
     if not response.prepared:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
@@ -75,7 +85,7 @@ def create_app(
     app[METRICS].describe_build(app[BACKEND].name)
     app[METRICS].in_flight_limit.set(settings.max_concurrent)
     app.cleanup_ctx.append(_lifetime)
-    app.on_response_prepare.append(_no_caching)
+    app.on_response_prepare.append(_add_security_headers)
     app.router.add_post("/exec", handlers.post_exec)
     app.router.add_get("/status", handlers.get_status)
     app.router.add_get("/logs", handlers.get_logs)

@@ -54,7 +54,7 @@ def describe_settings_error(error: ValidationError) -> str:
 
 def _serve(flags: argparse.Namespace) -> int:
     from . import logs
-    from .app import BackendUnavailable
+    from .app import StartupFailed
     from .server import ProxyServer
 
     try:
@@ -65,12 +65,12 @@ def _serve(flags: argparse.Namespace) -> int:
     logs.configure(settings.log_format, settings.log_level)
     try:
         server = ProxyServer(settings)
-    except BackendUnavailable as error:
+    except StartupFailed as error:
         print(f"session-proxy: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
         asyncio.run(server.run())
-    except BackendUnavailable as error:
+    except StartupFailed as error:
         print(f"session-proxy: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:

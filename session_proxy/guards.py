@@ -48,21 +48,39 @@ def _from_http_exception(exception: web.HTTPException) -> ProxyError:
     return ProxyError(exception.reason, code="http_error", status=exception.status)
 
 
+def _from_unexpected(exception: Exception) -> ProxyError:
+    """A failure nobody expected: a JSON error whose message reveals nothing internal."""
+    if isinstance(exception, TimeoutError):
+        return ProxyError(
+            "the request timed out inside the proxy; retry, and see the proxy's log if it persists",
+            code="timed_out",
+            status=504,
+        )
+    return ProxyError(
+        f"internal error ({type(exception).__name__}); see the proxy's log", code="internal_error"
+    )
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every refusal into one JSON error body, and count it."""
+    """Turn every failure before a response started into one JSON error body; count and log it.
+
+    Refusals are logged briefly; an unexpected exception is logged once, with its traceback,
+    here and only here (the body never carries one).
+    """
+    unexpected = False
     try:
         return await handler(request)
     except web.HTTPException as exception:
         error = _from_http_exception(exception)
     except ProxyError as proxy_error:
         error = proxy_error
-    if error.status < 500:
-        request.app[METRICS].rejections.labels(reason=error.code).inc()
-    log.info(
-        "request refused",
-        extra={"status": error.status, "code": error.code, "path": request.path},
-    )
+    except Exception as exception:
+        error, unexpected = _from_unexpected(exception), True
+        log.exception("request failed", extra={"status": error.status, "path": request.path})
+    request.app[METRICS].rejections.labels(reason=error.code).inc()
+    if not unexpected:
+        log.info("request refused", extra={"status": error.status, "code": error.code, "path": request.path})
     return error_response(error)
 
 

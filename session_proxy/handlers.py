@@ -1,4 +1,4 @@
-"""HTTP handlers: thin, they check the request and hand over to ``ExecSession``."""
+"""HTTP handlers: thin, they check the request and hand over to ``ExecRun``."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ from .errors import (
     BodyTooLarge,
     InvalidRequest,
     MalformedRequest,
-    NotReady,
     UnsupportedMediaType,
 )
 from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
 from .models import ExecRequest
 from .openapi import openapi_document
 from .settings import Settings
-from .streaming import ExecSession
+from .streaming import ExecRun, shutting_down
 
 
 def _check_content(request: web.Request) -> None:
@@ -87,11 +86,11 @@ async def post_exec(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     supervisor = app[SUPERVISOR]
     if supervisor.draining:
-        raise NotReady("the proxy is shutting down", retry_after=5, code="shutting_down")
+        raise shutting_down()
     _check_content(request)
     exec_request = parse_exec_request(await _read_body(request, settings.max_body_bytes), settings)
     slot = await app[ADMISSION].admit()
-    try:
+    try:  # from here on the run holds the slot until the command's group is gone
         spec = ExecSpec(
             exec_id=secrets.token_hex(8),
             argv=exec_request.command,
@@ -101,17 +100,19 @@ async def post_exec(request: web.Request) -> web.StreamResponse:
             timeout=exec_request.timeout or settings.default_timeout,
             arrived=arrived,
         )
-        session = ExecSession(
+        run = ExecRun(
             request,
             spec,
             backend=app[BACKEND],
             settings=settings,
             metrics=app[METRICS],
             supervisor=supervisor,
+            slot=slot,
         )
-        return await session.run()
-    finally:
+    except BaseException:
         slot.release()
+        raise
+    return await run.run()
 
 
 async def status_document(app: web.Application) -> dict[str, Any]:
@@ -121,7 +122,7 @@ async def status_document(app: web.Application) -> dict[str, Any]:
         "version": __version__,
         "backend": info.name,
         "ready": info.ready,
-        "in_flight": app[SUPERVISOR].running,
+        "in_flight": app[SUPERVISOR].in_flight,
         "max_concurrent": settings.max_concurrent,
         "draining": app[SUPERVISOR].draining,
         "target": info.target,

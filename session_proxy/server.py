@@ -1,7 +1,10 @@
 """Listeners, signals and graceful shutdown around the two applications.
 
-First SIGTERM/SIGINT: stop accepting, let running execs finish for ``--shutdown-grace`` seconds,
-end the rest (their clients get ``reason: shutdown``), exit 0. A second signal skips the wait.
+First SIGTERM/SIGINT: new execs get 503 ``shutting_down`` (the exec port keeps answering until
+exit, so clients see why), execs not started yet end at once, running ones may finish for
+``--shutdown-grace`` seconds, then the rest are ended (``reason: shutdown``); exit 0. A second
+signal skips the wait. Every phase is bounded, so the whole stop takes at most
+``--shutdown-grace`` + ``--kill-grace`` + ``SHUTDOWN_SLACK`` + ``HANDLER_SHUTDOWN_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
@@ -23,6 +27,12 @@ from .settings import Settings, TcpAddress, UnixAddress
 
 log = logging.getLogger(__name__)
 
+# After the grace, ended execs get the kill grace plus this to send their exit event and clean
+# up; then aiohttp cancels handlers still running after HANDLER_SHUTDOWN_TIMEOUT (its default,
+# 60 s, would outlast Kubernetes' 30 s termination grace).
+SHUTDOWN_SLACK: Final = 2.0
+HANDLER_SHUTDOWN_TIMEOUT: Final = 1.0
+
 # Parser limits well under aiohttp's defaults: no legitimate client sends big headers here.
 SERVER_OPTIONS = {
     "handler_cancellation": True,  # a client that hangs up cancels its exec at once
@@ -32,6 +42,7 @@ SERVER_OPTIONS = {
     "keepalive_timeout": 30,
     "auto_decompress": False,
     "access_log": None,
+    "shutdown_timeout": HANDLER_SHUTDOWN_TIMEOUT,
 }
 
 
@@ -97,11 +108,9 @@ class ProxyServer:
             self.exec_app[SUPERVISOR].force()
 
     async def stop(self) -> None:
-        """Stop accepting execs, drain, then close everything (probes answer until the end)."""
-        if self._exec_runner is not None:
-            for site in list(self._exec_runner.sites):
-                await site.stop()
-        await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace)
+        """Refuse new execs (503), drain, then close everything (probes answer until the end)."""
+        settle = self.settings.kill_grace + SHUTDOWN_SLACK
+        await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace, settle=settle)
         for runner in reversed(self._runners):
             await runner.cleanup()
         log.info("stopped")

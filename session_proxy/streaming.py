@@ -1,23 +1,29 @@
-"""One exec, end to end: backend output to NDJSON events, under deadlines and caps.
+"""One exec request, end to end: start, stream, end, finish, as one straight line.
 
 Backpressure is structural: the next chunk is read from the backend only after the previous one
 was written to the client, and ``write`` waits while the client's socket buffer is full. So a
 slow client slows the command down instead of growing memory.
+
+Whatever goes wrong, ``ExecRun.run`` ends the command (terminate, then close), answers with a
+JSON error (nothing sent yet) or an ``exit`` event with reason ``error`` (streaming began), and
+writes the exec's record once. On an early end the proxy chose (timeout, idle_timeout,
+output_limit, shutdown, client_gone) the exit event carries ``exit_code`` and ``signal`` null
+on every backend: how the command died then says nothing beyond the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
 
 from .backends.base import ExecBackend, ExecSpec, Execution, ExitStatus, OutputChunk
-from .errors import ProxyError
-from .logs import argv_digest
+from .deadlines import ExecDeadline
+from .errors import NotReady, ProxyError
+from .exec_record import ExecRecord
 from .metrics import Metrics
 from .models import ExitReason
 from .settings import Settings
@@ -26,8 +32,15 @@ from .utf8 import Utf8Splitter
 
 log = logging.getLogger(__name__)
 
-# A client that will not read even the final event is gone; do not wait on it for ever.
+# A client that will not read even the final event is gone; do not wait on it for ever. During
+# shutdown the wait is shorter, so the drain stays within its bound.
 FINAL_WRITE_TIMEOUT: Final = 10.0
+FINAL_WRITE_TIMEOUT_SHUTDOWN: Final = 1.0
+SHUTTING_DOWN_RETRY_AFTER: Final = 5
+
+
+class Slot(Protocol):
+    def release(self) -> None: ...
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
@@ -36,25 +49,17 @@ def encode_event(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
 
-@dataclass
-class ExecTally:
-    """What the exec log line and the exit event report."""
-
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-    truncated: bool = False
-    outcome: str = "error"
-    status: ExitStatus | None = None
-    splitters: dict[str, Utf8Splitter] = field(
-        default_factory=lambda: {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
+def shutting_down() -> NotReady:
+    return NotReady(
+        "the proxy is shutting down; retry against its replacement",
+        retry_after=SHUTTING_DOWN_RETRY_AFTER,
+        code="shutting_down",
     )
 
-    @property
-    def total(self) -> int:
-        return self.stdout_bytes + self.stderr_bytes
 
+class ExecRun:
+    """One ``POST /exec`` from admission to its last event; the supervisor tracks it for shutdown."""
 
-class ExecSession:
     def __init__(
         self,
         request: web.Request,
@@ -64,151 +69,177 @@ class ExecSession:
         settings: Settings,
         metrics: Metrics,
         supervisor: Supervisor,
+        slot: Slot,
     ) -> None:
         self._request = request
         self._spec = spec
         self._backend = backend
         self._settings = settings
-        self._metrics = metrics
         self._supervisor = supervisor
+        self._slot = slot
+        self._deadline = ExecDeadline(spec.arrived, spec.timeout, settings.idle_timeout)
+        self._record = ExecRecord(spec, metrics)
+        self._splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
         self._response: web.StreamResponse | None = None
-        self._timer: asyncio.Timeout | None = None
-        self._stop_reason: ExitReason | None = None
-        self._tally = ExecTally()
-        self._target = ""
-        self._recorded = False
-        self._output_counters = {
-            stream: metrics.output_bytes.labels(stream=stream) for stream in ("stdout", "stderr")
-        }
-        self._loop = asyncio.get_running_loop()
-        self._started = spec.arrived  # the timeout counts from the request's arrival
+        self._starting: asyncio.Task[Execution] | None = None
+        self._execution: Execution | None = None
+        self._ending: asyncio.Task[ExitStatus | None] | None = None
+        self._stopping = False
 
-    def stop(self, reason: str) -> None:
-        """Ask the exec to end now (server shutdown); the command is then terminated."""
-        assert reason == "shutdown"
-        self._stop_reason = "shutdown"
-        if self._timer is not None and not self._timer.expired():
-            self._timer.reschedule(self._loop.time())
+    @property
+    def started(self) -> bool:
+        """The command runs (or ran): a drain gives it the grace; before that it never starts."""
+        return self._execution is not None
+
+    def stop(self) -> None:
+        """End now with reason ``shutdown``; a command not started yet is never started."""
+        self._stopping = True
+        if self._starting is not None:
+            self._starting.cancel()
+        self._deadline.stop_now()
 
     async def run(self) -> web.StreamResponse:
+        self._supervisor.add(self)
         try:
-            execution = await self._backend.start(self._spec, self._send_waiting)
+            execution = await self._start()
+            ended_by = await self._stream(execution)
+            status, reason = await self._end(execution, ended_by)
+            await self._finish(status, reason)
+        except (asyncio.CancelledError, ConnectionError):
+            # The client hung up: aiohttp cancels the handler, or a write fails.
+            self._record.outcome = "client_gone"
+            raise
         except ProxyError as error:
             if self._response is None:
-                raise  # nothing sent yet: a plain JSON error response
-            await self._finish(ExitStatus(None, reason="error", message=error.message), "error")
-            return self._response
-        self._target = execution.target
-        self._supervisor.add(self)
-        self._metrics.in_flight.inc()
-        try:
-            return await self._stream(execution)
+                raise  # nothing sent yet: the middleware answers with a JSON error
+            failed: ExitReason = "shutdown" if error.code == "shutting_down" else "error"
+            await self._finish(ExitStatus(None, reason=failed, message=error.message), failed)
+        except Exception as error:
+            if self._response is None:
+                raise  # the middleware logs it and answers with a JSON 500
+            log.exception("exec failed", extra={"exec_id": self._spec.exec_id})
+            message = f"internal error ({type(error).__name__}); see the proxy's log"
+            await self._finish(ExitStatus(None, reason="error", message=message), "error")
         finally:
+            self._end_in_background()
+            self._record.write(self._deadline.elapsed())
             self._supervisor.remove(self)
-            self._record()
+        assert self._response is not None
+        return self._response
 
-    async def _stream(self, execution: Execution) -> web.StreamResponse:
+    async def _start(self) -> Execution:
+        """Start the command, unless shutdown comes first: then it never starts."""
+        if self._supervisor.draining:
+            raise shutting_down()
+        self._starting = asyncio.ensure_future(self._backend.start(self._spec, self._send_waiting))
         try:
-            response = await self._prepare()
-            # Every exec opens its own stream today; warm (pre-opened) execs will say "warm".
-            self._metrics.exec_start_latency.labels(path="cold").observe(self._loop.time() - self._started)
-            await response.write(encode_event(self._start_event(execution)))
-            reason = await self._pump(execution)
-        except (asyncio.CancelledError, ConnectionError):
-            # The client hung up (aiohttp cancels the handler, or a write fails).
-            self._tally.outcome = "client_gone"
-            self._end(execution)
-            raise
-        if reason == "exited":
-            status = execution.exit_status()
-            # Leftovers (`server &`) must not hold the request; end them after it is answered.
-            self._end(execution)
-        else:
-            # Shielded: a client hanging up now must not interrupt the kill.
-            ended: ExitStatus | None = await asyncio.shield(self._end(execution))
-            status = ended or ExitStatus(None)
-        await self._finish(status, status.reason if reason == "exited" else reason)
-        return response
-
-    def _end(self, execution: Execution) -> asyncio.Task[ExitStatus | None]:
-        """Terminate what is left of the command, as a task that runs to completion."""
-        return self._supervisor.spawn(self._terminate(execution), f"end-{self._spec.exec_id}")
-
-    async def _terminate(self, execution: Execution) -> ExitStatus | None:
-        try:
-            return await execution.terminate(self._settings.kill_grace)
+            execution = await self._starting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._stopping or (task is not None and task.cancelling()):
+                raise  # the client is gone (the start task was cancelled with us)
+            raise shutting_down() from None
         finally:
-            await execution.close()
+            self._starting = None
+        self._execution = execution
+        self._record.started(execution.target)
+        if self._stopping:
+            self._record.outcome = "shutdown"
+            raise shutting_down()
+        return execution
 
-    async def _pump(self, execution: Execution) -> ExitReason:
-        deadline = self._started + self._spec.timeout
-        idle = self._settings.idle_timeout
+    async def _stream(self, execution: Execution) -> ExitReason:
+        """Forward output until the command exits or a limit ends it; return why it ended."""
+        response = await self._prepare()
+        self._record.start_sent(self._deadline.elapsed())
+        await response.write(encode_event(self._start_event(execution)))
+        deadline = self._deadline
         try:
-            # One timer for the whole exec, moved between the idle and the wall-clock deadline:
-            # waiting for output may be cut by either, writing to a slow client by the latter.
-            async with asyncio.timeout_at(deadline) as self._timer:
-                while self._stop_reason is None:
-                    if idle:
-                        self._timer.reschedule(min(deadline, self._loop.time() + idle))
+            async with deadline.running():
+                while True:
+                    deadline.awaiting_output()
                     chunk = await execution.next_chunk()
                     if chunk is None:
                         return "exited"
-                    if idle:
-                        self._timer.reschedule(deadline)
+                    deadline.output_arrived()
                     if not await self._forward(chunk):
                         return "output_limit"
         except TimeoutError:
-            pass
-        finally:
-            self._timer = None
-        return self._early_reason(deadline)
+            return deadline.reason()
 
-    def _early_reason(self, deadline: float) -> ExitReason:
-        if self._stop_reason is not None:
-            return self._stop_reason
-        return "timeout" if self._loop.time() >= deadline else "idle_timeout"
+    async def _end(self, execution: Execution, ended_by: ExitReason) -> tuple[ExitStatus, ExitReason]:
+        """Terminate what is left of the command; the status and reason the exit event reports."""
+        ending = self._end_in_background()
+        if ended_by == "exited":
+            # Leftovers (`server &`) must not hold the exit event; they end while it is sent.
+            status = execution.exit_status()
+            return status, status.reason
+        # Shielded: a client hanging up now must not interrupt the kill.
+        await asyncio.shield(ending)
+        return ExitStatus(None), ended_by  # an early end: the reason says it all (see above)
+
+    def _end_in_background(self) -> asyncio.Future[ExitStatus | None]:
+        """Terminate and close the execution once, in a task that outlives the request.
+
+        The concurrency slot is released when that is done (the group is gone), never before.
+        """
+        if self._ending is not None:
+            return self._ending
+        if self._execution is None:
+            self._slot.release()
+            done: asyncio.Future[ExitStatus | None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        self._ending = self._supervisor.spawn(
+            _terminate(self._execution, self._settings.kill_grace), f"end-{self._spec.exec_id}"
+        )
+        self._ending.add_done_callback(lambda _: self._slot.release())
+        return self._ending
 
     async def _forward(self, chunk: OutputChunk) -> bool:
         """Write a chunk, cut at the output cap; False when the cap was hit."""
-        tally = self._tally
+        record = self._record
         data = chunk.data
-        room = self._settings.max_output_bytes - tally.total
+        room = self._settings.max_output_bytes - record.total_bytes
         if len(data) > room:
             data = data[: max(room, 0)]
-            tally.truncated = True
+            record.truncated = True
         if chunk.stream == "stdout":
-            tally.stdout_bytes += len(data)
+            record.stdout_bytes += len(data)
         else:
-            tally.stderr_bytes += len(data)
-        self._output_counters[chunk.stream].inc(len(data))
-        for kind, text in tally.splitters[chunk.stream].feed(data):
+            record.stderr_bytes += len(data)
+        record.output_counters[chunk.stream].inc(len(data))
+        for kind, text in self._splitters[chunk.stream].feed(data):
             await self._write({"type": chunk.stream, kind: text})
-        return not tally.truncated
+        return not record.truncated
 
     async def _finish(self, status: ExitStatus, reason: ExitReason) -> None:
-        tally = self._tally
-        tally.status = status
-        tally.outcome = reason
+        """Send the exit event, wait for the leftovers to be gone, end the response."""
+        record = self._record
+        record.status = status
+        record.outcome = reason
         event = {
             "type": "exit",
             "exit_code": status.exit_code,
             "signal": status.signal,
             "reason": reason,
-            "duration_ms": int((self._loop.time() - self._started) * 1000),
-            "stdout_bytes": tally.stdout_bytes,
-            "stderr_bytes": tally.stderr_bytes,
-            "truncated": tally.truncated,
+            "duration_ms": int(self._deadline.elapsed() * 1000),
+            "stdout_bytes": record.stdout_bytes,
+            "stderr_bytes": record.stderr_bytes,
+            "truncated": record.truncated,
         }
         if status.message:
             event["message"] = status.message
         # Counted before the client can see the end, so a scrape right after agrees with it.
-        self._record()
+        record.write(self._deadline.elapsed())
+        timeout = FINAL_WRITE_TIMEOUT_SHUTDOWN if self._stopping else FINAL_WRITE_TIMEOUT
         try:
-            async with asyncio.timeout(FINAL_WRITE_TIMEOUT):
-                for stream, splitter in tally.splitters.items():
+            async with asyncio.timeout(timeout):
+                for stream, splitter in self._splitters.items():
                     for kind, text in splitter.flush():
                         await self._write({"type": stream, kind: text})
                 await self._write(event)
+                await asyncio.shield(self._end_in_background())
                 response = await self._prepare()
                 await response.write_eof()
         except (TimeoutError, ConnectionError):
@@ -232,6 +263,7 @@ class ExecSession:
                 },
             )
             response.enable_chunked_encoding()
+            self._record.counts = True
             await response.prepare(self._request)
             self._response = response
         return self._response
@@ -245,30 +277,9 @@ class ExecSession:
             "guarantees": execution.guarantees.model_dump(),
         }
 
-    def _record(self) -> None:
-        """Metrics and the one log line per exec; runs once, whichever way the exec ends."""
-        if self._recorded:
-            return
-        self._recorded = True
-        if self._target:
-            self._metrics.in_flight.dec()
-        tally = self._tally
-        duration = self._loop.time() - self._started
-        self._metrics.exec_requests.labels(outcome=tally.outcome).inc()
-        self._metrics.exec_duration.observe(duration)
-        status = tally.status
-        extra: dict[str, Any] = {
-            "exec_id": self._spec.exec_id,
-            "target": self._target,
-            "argv_sha256": argv_digest(self._spec.argv),
-            "duration_ms": int(duration * 1000),
-            "exit_code": status.exit_code if status else None,
-            "signal": status.signal if status else None,
-            "stdout_bytes": tally.stdout_bytes,
-            "stderr_bytes": tally.stderr_bytes,
-            "truncated": tally.truncated,
-            "outcome": tally.outcome,
-        }
-        if log.isEnabledFor(logging.DEBUG):
-            extra["argv"] = self._spec.argv
-        log.info("exec finished", extra=extra)
+
+async def _terminate(execution: Execution, grace: float) -> ExitStatus | None:
+    try:
+        return await execution.terminate(grace)
+    finally:
+        await execution.close()

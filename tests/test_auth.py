@@ -63,7 +63,7 @@ async def test_the_right_token_is_accepted(
 
 async def test_an_existing_token_file_is_used(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     """A token the platform wrote itself is used as is; one too short to be a secret stops start-up."""
-    from session_proxy.app import BackendUnavailable
+    from session_proxy.app import StartupFailed
 
     path = tmp_path / "token"
     path.write_text("platform-chosen-token-0123456789\n")
@@ -74,7 +74,7 @@ async def test_an_existing_token_file_is_used(make_proxy: ProxyFactory, tmp_path
     assert events[-1].exit_code == 0
     short = tmp_path / "short"
     short.write_text("abc\n")
-    with pytest.raises(BackendUnavailable, match="at least 16"):
+    with pytest.raises(StartupFailed, match="at least 16"):
         await make_proxy(auth_token_file=str(short))
 
 

@@ -434,9 +434,9 @@ async def test_in_cluster_without_service_host_stops_start_up(
 ) -> None:
     """Outside a cluster with no kubeconfig, start-up fails with a message saying what to do."""
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    from session_proxy.app import BackendUnavailable
+    from session_proxy.app import StartupFailed
 
-    with pytest.raises(BackendUnavailable, match="--kubeconfig"):
+    with pytest.raises(StartupFailed, match="--kubeconfig"):
         await make_proxy(backend="kubernetes", session_name="s1", kubeconfig=None)
 
 

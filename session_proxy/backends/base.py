@@ -98,6 +98,7 @@ class ExecBackend(Protocol):
         """Start the command; raise a ``ProxyError`` if it cannot be started at all.
 
         ``on_waiting`` may be awaited before the command starts to report why it is delayed.
+        Must be safe to cancel (a client leaving, a shutdown): what was started is ended.
         """
 
     async def info(self) -> BackendInfo:
@@ -129,14 +130,20 @@ class OutputSource(Protocol):
 
 
 class ExitDrain:
-    """The post-exit drain budget of one execution, started at the first look after the exit."""
+    """The post-exit drain budget of one execution: ``DRAIN_LIMIT`` from when the exit is seen."""
 
     def __init__(self) -> None:
         self._deadline: float | None = None
 
-    def remaining(self, now: float) -> float:
+    def begin(self, now: float) -> None:
+        """The exit was seen: start the budget (later calls keep the first start)."""
         if self._deadline is None:
             self._deadline = now + DRAIN_LIMIT
+
+    def remaining(self, now: float) -> float:
+        """Seconds of draining left; the full budget until ``begin`` was called."""
+        if self._deadline is None:
+            return DRAIN_LIMIT
         return self._deadline - now
 
 
@@ -144,8 +151,10 @@ async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | N
     """The next chunk to forward, or None once the command has ended and draining is over."""
     loop = asyncio.get_running_loop()
     while True:
-        if source.exited and drain.remaining(loop.time()) <= 0:
-            return None
+        if source.exited:
+            drain.begin(loop.time())
+            if drain.remaining(loop.time()) <= 0:
+                return None
         chunk = source.take()
         if chunk is not None:
             return chunk
