@@ -1,11 +1,16 @@
 """An async client for the exec API, for agents' tool layers and the CLI.
 
-    async with ExecClient() as client:
-        async for event in client.exec(["npm", "test"], workdir="/workspace/repo"):
+    async with ExecClient() as client, client.exec(["npm", "test"], workdir="/repo") as events:
+        async for event in events:
             ...  # StartEvent, WaitingEvent, OutputEvent, then one ExitEvent
 
-Errors: ``ProxyUnreachable`` (cannot connect), ``ProxyRefused`` (a 4xx/5xx error body),
-``ProxyProtocolError`` (the stream ended without an ``exit`` event), all ``ProxyClientError``.
+Leaving the ``async with`` block early (``break``, an exception) closes the response, which
+ends the command at once; ``async for event in client.exec(...)`` without it works too, but an
+abandoned stream is then closed only when the iterator is collected.
+
+Errors, all ``ProxyClientError``: ``ProxyUnreachable`` (cannot connect, or connecting timed
+out), ``ProxyRefused`` (a 4xx/5xx error body), ``ProxyProtocolError`` (the connection or stream
+broke off, an event this client cannot read, or no ``exit`` event at the end).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from .models import EVENT_ADAPTER, ExitEvent, OutputEvent, StartEvent, WaitingEvent
 
@@ -94,7 +100,7 @@ class ExecClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def exec(
+    def exec(
         self,
         command: list[str],
         *,
@@ -102,8 +108,8 @@ class ExecClient:
         env: dict[str, str] | None = None,
         stdin: bytes | str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[ExecEvent]:
-        """Run ``command`` and yield its events as they arrive; the last one is an ``ExitEvent``."""
+    ) -> ExecEvents:
+        """Run ``command``; its events arrive as they happen, the last one an ``ExitEvent``."""
         body: dict[str, Any] = {"command": command}
         if workdir is not None:
             body["workdir"] = workdir
@@ -115,16 +121,62 @@ class ExecClient:
             body["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
         if timeout is not None:
             body["timeout"] = timeout
+        return ExecEvents(self._stream(body))
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[ExecEvent, None]:
         try:
             async with self._session.post(f"{self._base}/exec", json=body) as response:
                 if response.status != 200:
                     raise await _refusal(response)
-                async for event in _events(response):
-                    yield event
-        except aiohttp.ClientConnectorError as error:
+                ended = False
+                try:
+                    async for event in _events(response):
+                        ended = isinstance(event, ExitEvent)
+                        yield event
+                finally:
+                    if not ended:
+                        response.close()  # the proxy sees the hang-up and ends the command now
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise ProxyUnreachable(f"cannot reach session-proxy at {self._base}: {error}") from error
+        except aiohttp.ServerDisconnectedError as error:
+            raise ProxyProtocolError(f"session-proxy closed the connection early: {error}") from error
         except aiohttp.ClientPayloadError as error:
             raise ProxyProtocolError(f"the event stream broke off: {error}") from error
+        except ValidationError as error:
+            problem = error.errors(include_url=False)[0]["msg"]
+            raise ProxyProtocolError(
+                f"session-proxy sent an event this client cannot read: {problem}"
+            ) from None
+        except aiohttp.ClientError as error:
+            raise ProxyProtocolError(f"talking to session-proxy failed: {error!r}") from error
+
+
+class ExecEvents:
+    """The events of one exec: ``async for`` over it; ``async with`` it to end it on leaving."""
+
+    def __init__(self, events: AsyncGenerator[ExecEvent, None]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> ExecEvents:
+        return self
+
+    async def __anext__(self) -> ExecEvent:
+        return await anext(self._events)
+
+    async def __aenter__(self) -> ExecEvents:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading: if the exec has not ended, the proxy ends the command now."""
+        await self._events.aclose()
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> ProxyRefused:

@@ -44,8 +44,10 @@ async def run_exec_command(
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     try:
-        async with ExecClient(url) as client:
-            events = client.exec(command, workdir=workdir, env=env, stdin=stdin, timeout=timeout)
+        async with (
+            ExecClient(url) as client,
+            client.exec(command, workdir=workdir, env=env, stdin=stdin, timeout=timeout) as events,
+        ):
             async for event in events:
                 if isinstance(event, OutputEvent):
                     sink = out if event.type == "stdout" else err

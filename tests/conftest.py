@@ -169,6 +169,7 @@ class ProxyProcess:
 
 
 LISTENING = re.compile(rb'"exec_url": "([^"]+)", "ops_url": (null|"[^"]+")')
+LISTENING_TEXT = re.compile(rb"listening exec_url=(\S+) ops_url=(None|\S+)")
 
 
 @pytest.fixture
@@ -190,13 +191,13 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         log_file.close()
         spawned.append(process)
         deadline = time.monotonic() + 20
-        while not (match := LISTENING.search(log_path.read_bytes())):
+        while not (match := LISTENING.search(log := log_path.read_bytes()) or LISTENING_TEXT.search(log)):
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "proxy did not start"
             time.sleep(0.02)
         ops = match.group(2).decode()
         return ProxyProcess(
-            process, match.group(1).decode(), None if ops == "null" else ops.strip('"'), log_path
+            process, match.group(1).decode(), None if ops in ("null", "None") else ops.strip('"'), log_path
         )
 
     yield spawn

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
+import re
+import signal
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .conftest import ProxyProcess
+from session_proxy.client import ExecClient
+from session_proxy.exec_command import run_exec_command
+from session_proxy.models import ExitEvent, OutputEvent
+
+from .conftest import ProxyProcess, processes_with, survivors
 
 
 @pytest.fixture
@@ -116,3 +126,145 @@ def test_no_command_is_a_usage_error(served: ProxyProcess) -> None:
     result = cli(served.url)
     assert result.returncode == 2
     assert b"no command given" in result.stderr
+
+
+def test_idle_timeout_exits_124(spawn_proxy: Callable[..., ProxyProcess]) -> None:
+    """A command ended for silence exits 124 as a wall-clock timeout does."""
+    proxy = spawn_proxy("--idle-timeout", "0.3")
+    result = cli(proxy.url, "--", "sleep", "30")
+    assert result.returncode == 124
+    assert b"idle_timeout" in result.stderr
+
+
+def test_output_limit_exits_125(spawn_proxy: Callable[..., ProxyProcess]) -> None:
+    """Output past the cap exits 125 (the proxy ended it), with the reason on stderr."""
+    proxy = spawn_proxy("--max-output-bytes", "1000")
+    result = cli(proxy.url, "--", "sh", "-c", "while :; do echo xxxxxxxxxxxxxxxx; done")
+    assert result.returncode == 125
+    assert len(result.stdout) == 1000
+    assert result.stderr.startswith(b"session-proxy: command ended (output_limit)")
+
+
+def test_shutdown_exits_125(spawn_proxy: Callable[..., ProxyProcess], marker: str) -> None:
+    """A proxy stopping under a running command: the CLI exits 125 and says shutdown."""
+    proxy = spawn_proxy("--shutdown-grace", "0", "--kill-grace", "1")
+    command = [sys.executable, "-m", "session_proxy", "exec", "--url", proxy.url, "--", "sleep", marker]
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not [p for p in processes_with(marker) if p.name() == "sleep"]:  # the CLI has it too
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.02)
+        proxy.process.send_signal(signal.SIGTERM)
+        _, stderr = running.communicate(timeout=30)
+    finally:
+        running.kill()
+    assert running.returncode == 125
+    assert stderr.startswith(b"session-proxy: command ended (shutdown)")
+    assert proxy.process.wait(timeout=30) == 0
+
+
+def test_unix_socket_with_the_cli_and_a_chosen_mode(
+    spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    """On ``--listen unix:/path --unix-socket-mode 600`` the socket has mode 600 and the CLI works."""
+    path = tmp_path / "exec.sock"
+    proxy = spawn_proxy("--listen", f"unix:{path}", "--unix-socket-mode", "600")
+    assert proxy.url == f"unix:{path}"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    result = cli(proxy.url, "--", "sh", "-c", "echo over-unix; exit 4")
+    assert (result.stdout, result.returncode) == (b"over-unix\n", 4)
+
+
+async def test_exec_client_over_a_unix_socket(
+    spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    """``ExecClient("unix:/path")`` runs a command through a Unix-socket listener."""
+    path = tmp_path / "exec.sock"
+    proxy = spawn_proxy("--listen", f"unix:{path}")
+    async with ExecClient(proxy.url) as client:
+        events = [event async for event in client.exec(["echo", "hello"])]
+    assert isinstance(events[-1], ExitEvent)
+    assert events[-1].exit_code == 0
+    assert b"".join(e.payload() for e in events if isinstance(e, OutputEvent)) == b"hello\n"
+
+
+def test_ops_listener_can_be_disabled(spawn_proxy: Callable[..., ProxyProcess]) -> None:
+    """``--ops-listen ""`` starts no ops listener (logged as null); the exec API still works."""
+    proxy = spawn_proxy("--ops-listen", "")
+    assert proxy.ops_url is None
+    assert cli(proxy.url, "--", "echo", "ok").stdout == b"ok\n"
+
+
+def test_text_log_format(spawn_proxy: Callable[..., ProxyProcess]) -> None:
+    """``--log-format text`` writes plain lines (level, logger, message, key=value), not JSON."""
+    proxy = spawn_proxy("--log-format", "text")
+    assert cli(proxy.url, "--", "true").returncode == 0
+    deadline = time.monotonic() + 10
+    while b"exec finished" not in proxy.log_path.read_bytes():
+        assert time.monotonic() < deadline, proxy.log_path.read_text()
+        time.sleep(0.02)
+    lines = proxy.log_path.read_text().splitlines()
+    assert lines[0].startswith("info    session_proxy.server: listening exec_url=http://127.0.0.1:")
+    finished = next(line for line in lines if "exec finished" in line)
+    assert finished.startswith("info    session_proxy.streaming: exec finished exec_id=")
+    assert "outcome=exited" in finished
+    assert not any(line.startswith("{") for line in lines)
+
+
+async def serve_raw(answer: bytes) -> tuple[asyncio.Server, str]:
+    """A TCP server that reads one request's head and body, answers ``answer`` raw, and closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+def ndjson_answer(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (ndjson_answer(b'{"type":"bogus"}\n'), b"an event this client cannot read"),
+        (ndjson_answer(b"not json!\n"), b"an event this client cannot read"),
+        (b"", b"closed the connection early"),
+    ],
+)
+async def test_broken_answers_exit_125_with_one_line(answer: bytes, said: bytes) -> None:
+    """An unreadable event or a connection closed without an answer: 125 and one line, no traceback."""
+    server, url = await serve_raw(answer)
+    out, err = io.BytesIO(), io.BytesIO()
+    async with server:
+        code = await run_exec_command(
+            ["true"], url=url, workdir=None, env={}, stdin=None, timeout=None, stdout=out, stderr=err
+        )
+    assert code == 125
+    assert err.getvalue().count(b"\n") == 1
+    assert err.getvalue().startswith(b"session-proxy: ")
+    assert said in err.getvalue()
+
+
+async def test_leaving_the_events_block_ends_the_command_at_once(
+    spawn_proxy: Callable[..., ProxyProcess], marker: str
+) -> None:
+    """Breaking out of ``async with client.exec(...)`` closes the stream: the command is gone
+    while the client (and the caller's reference to the events) still lives."""
+    proxy = spawn_proxy()
+    async with ExecClient(proxy.url) as client:
+        async with client.exec(["sh", "-c", f"echo started; sleep {marker}"]) as events:
+            async for event in events:
+                if isinstance(event, OutputEvent):
+                    break
+        assert processes_with(marker)  # still referenced and the session open; yet:
+        assert await survivors(marker) == []
