@@ -40,10 +40,13 @@ ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
 @pytest.fixture
 async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    """Start real proxies on loopback port 0; each is stopped (drained) at teardown."""
+    """Start real proxies on loopback port 0; each is stopped (drained) at teardown.
+
+    ``exec_backend`` injects a backend object (a real one wrapped to fail on purpose, say).
+    """
     started: list[ProxyServer] = []
 
-    async def start(**overrides: Any) -> RunningProxy:
+    async def start(*, exec_backend: Any = None, **overrides: Any) -> RunningProxy:
         values: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "ops_listen": "127.0.0.1:0",
@@ -54,7 +57,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
             "backend": "local",
         }
         values.update(overrides)
-        server = ProxyServer(Settings.model_validate(values))
+        server = ProxyServer(Settings.model_validate(values), backend=exec_backend)
         await server.start()
         started.append(server)
         return RunningProxy(server, server.exec_url, server.ops_url)

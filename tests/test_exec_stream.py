@@ -6,12 +6,18 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any, Literal
 
 import aiohttp
+import pytest
 
-from .conftest import RunningProxy, exec_events, final, output_of, survivors
+from session_proxy.backends.base import ExecSpec, Execution, ExitStatus, OutputChunk, WaitingCallback
+from session_proxy.backends.local import LocalBackend
+
+from .conftest import ProxyFactory, RunningProxy, exec_events, final, output_of, survivors
 
 
 async def test_events_are_start_output_exit(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
@@ -182,9 +188,13 @@ async def test_events_match_the_published_models(http: aiohttp.ClientSession, pr
 
 
 async def test_chatty_leftover_does_not_hold_the_request(
-    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
 ) -> None:
-    """A background child that never stops writing cannot keep the request open after the exit."""
+    """A background child that never stops writing cannot keep the request open after the exit.
+
+    The output cap is far away, so only the post-exit drain limit can end the request.
+    """
+    proxy = await make_proxy(max_output_bytes=1 << 40)
     script = f"(while :; do echo {marker}; done) & echo done"
     events = await asyncio.wait_for(exec_events(http, proxy, {"command": ["sh", "-c", script]}), timeout=15)
     exit_event = final(events)
@@ -205,3 +215,106 @@ async def test_escaped_raw_bytes_in_argv(http: aiohttp.ClientSession, proxy: Run
     async with http.post(f"{proxy.url}/exec", data=bad, headers=headers) as response:
         assert response.status == 422
         assert "surrogate" in (await response.json())["error"]["message"]
+
+
+class BrokenExecution:
+    """A real local execution whose output source breaks after the first chunk (a bug's stand-in)."""
+
+    def __init__(self, inner: Execution) -> None:
+        self._inner = inner
+        self.target = inner.target
+        self.guarantees = inner.guarantees
+        self._chunks = 0
+
+    async def next_chunk(self) -> OutputChunk | None:
+        if self._chunks:
+            raise RuntimeError("secret internal detail")
+        self._chunks += 1
+        return await self._inner.next_chunk()
+
+    def exit_status(self) -> ExitStatus:
+        return self._inner.exit_status()
+
+    async def terminate(self, grace: float) -> ExitStatus | None:
+        return await self._inner.terminate(grace)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class BrokenBackend(LocalBackend):
+    """The local backend, failing with an unexpected exception at a chosen point."""
+
+    def __init__(self, root: Path, fail: Literal["start", "after_waiting", "stream"]) -> None:
+        super().__init__(root)
+        self._fail = fail
+
+    async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Any:
+        if self._fail == "start":
+            raise RuntimeError("secret internal detail")
+        if self._fail == "after_waiting":
+            await on_waiting("pretending the workspace is still starting")
+            raise RuntimeError("secret internal detail")
+        return BrokenExecution(await super().start(spec, on_waiting))
+
+
+async def metrics_text(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
+    async with http.get(f"{proxy.ops_url}/metrics") as response:
+        return await response.text()
+
+
+async def test_unexpected_failure_mid_stream_ends_the_command_and_reports_it(
+    http: aiohttp.ClientSession,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    marker: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any exception while streaming: the group is ended, an ``error`` exit is the last event,
+    the exec is logged and counted exactly once, and the failure's traceback goes to the log."""
+    caplog.set_level(logging.INFO)
+    proxy = await make_proxy(exec_backend=BrokenBackend(tmp_path, "stream"))
+    body = {"command": ["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], "timeout": 60}
+    events = await exec_events(http, proxy, body)
+    assert output_of(events, "stdout") == b"started\n"
+    exit_event = final(events)
+    assert (exit_event["reason"], exit_event["exit_code"]) == ("error", None)
+    assert "RuntimeError" in exit_event["message"]
+    assert "secret" not in exit_event["message"]
+    assert await survivors(marker) == []
+    metrics = await metrics_text(http, proxy)
+    assert 'session_proxy_exec_requests_total{outcome="error"} 1.0' in metrics
+    assert "session_proxy_exec_in_flight 0.0" in metrics
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("exec finished") == 1
+    assert [r.exc_info is not None for r in caplog.records if r.getMessage() == "exec failed"] == [True]
+
+
+async def test_unexpected_failure_before_streaming_is_a_json_500(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception before anything was sent: a JSON 500 without internals, logged once, counted."""
+    caplog.set_level(logging.INFO)
+    proxy = await make_proxy(exec_backend=BrokenBackend(tmp_path, "start"))
+    async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as response:
+        assert response.status == 500
+        assert response.content_type == "application/json"
+        text = await response.text()
+    assert json.loads(text)["error"]["code"] == "internal_error"
+    assert "secret" not in text
+    assert "Traceback" not in text
+    failures = [r for r in caplog.records if r.getMessage() == "request failed"]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert 'session_proxy_rejections_total{reason="internal_error"} 1.0' in await metrics_text(http, proxy)
+
+
+async def test_unexpected_failure_after_waiting_events_ends_with_an_error_exit(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Once a ``waiting`` event went out, a failure is an ``error`` exit event, not a cut stream."""
+    proxy = await make_proxy(exec_backend=BrokenBackend(tmp_path, "after_waiting"))
+    events = await exec_events(http, proxy, {"command": ["true"]})
+    assert events[0]["type"] == "waiting"
+    assert final(events)["reason"] == "error"
+    assert 'session_proxy_exec_requests_total{outcome="error"} 1.0' in await metrics_text(http, proxy)
