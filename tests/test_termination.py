@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from session_proxy.keys import SUPERVISOR
+from session_proxy.keys import ADMISSION, SUPERVISOR
 
 from .conftest import (
     ProxyFactory,
@@ -16,6 +17,7 @@ from .conftest import (
     exec_events,
     final,
     forking,
+    kube_proxy,
     output_of,
     survivors,
     wait_for_processes,
@@ -142,3 +144,90 @@ async def wait_for_path(path: Path, within: float = 10.0) -> None:
 async def fetch_metrics(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
     async with http.get(f"{proxy.ops_url}/metrics") as response:
         return await response.text()
+
+
+async def start_drain(proxy: RunningProxy) -> asyncio.Task[None]:
+    """Begin ``stop()`` and return once the drain has begun."""
+    stopping = asyncio.create_task(proxy.server.stop())
+    while not proxy.server.exec_app[SUPERVISOR].draining:
+        await asyncio.sleep(0.01)
+    return stopping
+
+
+async def test_while_draining_the_exec_port_answers_503_and_readyz_is_503(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """During the drain a new exec gets JSON 503 shutting_down with Retry-After over TCP (the port
+    stays open), /readyz says 503 draining, the refusal is counted; the running exec finishes."""
+    proxy = await make_proxy(shutdown_grace=30)
+    started, go = tmp_path / "started", tmp_path / "go"
+    script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.01; done; echo finished"
+    running = asyncio.create_task(exec_events(http, proxy, {"command": ["sh", "-c", script]}))
+    await wait_for_path(started)
+    stopping = await start_drain(proxy)
+    async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as refused:
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "5"
+        assert (await refused.json())["error"]["code"] == "shutting_down"
+    async with http.get(f"{proxy.ops_url}/readyz") as readyz:
+        assert (readyz.status, await readyz.json()) == (503, {"status": "draining"})
+    metrics = await fetch_metrics(http, proxy)
+    assert 'session_proxy_rejections_total{reason="shutting_down"} 1.0' in metrics
+    go.touch()
+    assert final(await running)["reason"] == "exited"
+    await stopping
+
+
+async def test_a_request_being_admitted_when_the_drain_begins_never_starts(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A request still waiting for a rate token when the drain begins gets 503 shutting_down
+    instead of starting its command after the drain began."""
+    proxy = await make_proxy(rate_limit=0.5, rate_burst=1, rate_limit_wait=30, shutdown_grace=30)
+    admission = proxy.server.exec_app[ADMISSION]
+    assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
+    ran = tmp_path / "ran"
+    waiting = asyncio.create_task(http.post(f"{proxy.url}/exec", json={"command": ["touch", str(ran)]}))
+    while admission.rate_waits == 0:
+        await asyncio.sleep(0.01)
+    stopping = await start_drain(proxy)
+    async with await waiting as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "shutting_down"
+    await stopping
+    assert not ran.exists()
+
+
+async def test_a_request_waiting_for_the_pod_ends_with_shutdown_and_never_starts(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while a request waits for a not-ready pod: it ends at once with an exit event,
+    reason shutdown (``waiting`` events went out), and its command never runs, even though the
+    pod becomes ready right after the drain began."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"}, ready=False)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=50, shutdown_grace=50)
+    ran = tmp_path / "ran"
+    async with http.post(f"{proxy.url}/exec", json={"command": ["touch", str(ran)]}) as response:
+        assert json.loads(await response.content.readline())["type"] == "waiting"
+        stopping = await start_drain(proxy)
+        pod.ready = True
+        events = [json.loads(line) async for line in response.content]
+    assert (final(events)["reason"], final(events)["exit_code"]) == ("shutdown", None)
+    assert not any(event["type"] == "start" for event in events)
+    await stopping
+    assert not ran.exists()
+
+
+async def test_second_signal_ends_running_execs_without_waiting_out_the_grace(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """A second stop request ends execs at once (reason shutdown) though the grace is 120 s."""
+    proxy = await make_proxy(shutdown_grace=120)
+    running = asyncio.create_task(exec_events(http, proxy, {"command": forking(marker), "timeout": 600}))
+    await wait_for_processes(marker, 2)
+    stopping = await start_drain(proxy)
+    proxy.server.request_stop()
+    proxy.server.request_stop()
+    assert final(await running)["reason"] == "shutdown"
+    await stopping
+    assert await survivors(marker, within=0) == []
