@@ -1,5 +1,9 @@
 """Command line: ``session-proxy serve`` (the sidecar) and ``session-proxy exec`` (a client).
 
+``serve`` exit codes: 0 after a clean stop; 2 when the configuration cannot work (an invalid
+setting, a backend or token file that cannot be used); 1 when it cannot listen. A start-up
+failure prints one line per problem on stderr, each starting ``session-proxy:``, and nothing else.
+
 ``exec`` exit codes: the command's own code; 128+N when signal N killed it; 124 when it ran
 out of time (like coreutils ``timeout``); 125 when the proxy refused, was unreachable or ended
 the command for another reason (the message says which).
@@ -19,7 +23,8 @@ from pydantic import ValidationError
 from . import __version__
 from .settings import Settings, env_name, flag_name
 
-EXIT_USAGE: Final = 2
+EXIT_USAGE: Final = 2  # also: the configuration cannot work
+EXIT_CANNOT_LISTEN: Final = 1
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,7 @@ def settings_from(flags: argparse.Namespace, environ: Mapping[str, str]) -> Sett
 
 
 def describe_settings_error(error: ValidationError) -> str:
+    """One line per invalid setting, naming its flag and variable, what was given and why."""
     lines = []
     for problem in error.errors(include_url=False):
         message = str(problem["msg"]).removeprefix("Value error, ")
@@ -60,23 +66,22 @@ def _serve(flags: argparse.Namespace) -> int:
     try:
         settings = settings_from(flags, os.environ)
     except ValidationError as error:
-        print(f"session-proxy: {describe_settings_error(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _start_up_failed(describe_settings_error(error), EXIT_USAGE)
     logs.configure(settings.log_format, settings.log_level)
     try:
         server = ProxyServer(settings)
-    except StartupFailed as error:
-        print(f"session-proxy: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         asyncio.run(server.run())
     except StartupFailed as error:
-        print(f"session-proxy: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _start_up_failed(str(error), EXIT_USAGE)
     except OSError as error:
-        print(f"session-proxy: cannot listen: {error}", file=sys.stderr)
-        return 1
+        return _start_up_failed(f"cannot listen: {error}", EXIT_CANNOT_LISTEN)
     return 0
+
+
+def _start_up_failed(problems: str, code: int) -> int:
+    for line in problems.splitlines() or [""]:
+        print(f"session-proxy: {line}", file=sys.stderr)
+    return code
 
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:

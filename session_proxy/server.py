@@ -111,19 +111,29 @@ class ProxyServer:
         """Refuse new execs (503), drain, then close everything (probes answer until the end)."""
         settle = self.settings.kill_grace + SHUTDOWN_SLACK
         await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace, settle=settle)
+        await self._close()
+        log.info("stopped")
+
+    async def _close(self) -> None:
         for runner in reversed(self._runners):
             await runner.cleanup()
-        log.info("stopped")
+        self._runners.clear()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            await self.start()
-            await self._stop.wait()
+            try:
+                await self.start()
+            except BaseException:
+                await self._close()  # nothing ran: no drain, no "stopped"
+                raise
+            try:
+                await self._stop.wait()
+            finally:
+                await self.stop()
         finally:
-            await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)

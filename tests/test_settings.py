@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,33 @@ def test_kubernetes_backend_outside_a_cluster_says_what_to_do(tmp_path: Path) ->
     )  # fmt: skip
     assert result.returncode == 2
     assert "pass --kubeconfig" in result.stderr
+
+
+def test_serve_prints_one_prefixed_line_per_bad_setting(tmp_path: Path) -> None:
+    """Two bad values: exit 2 and exactly two lines, each naming its setting, nothing else."""
+    result = subprocess.run(
+        [sys.executable, "-m", "session_proxy", "serve", "--kill-grace", "-1", "--max-concurrent", "0"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("session-proxy: invalid setting --") for line in lines)
+
+
+def test_listen_failure_exits_1_with_one_line(tmp_path: Path) -> None:
+    """An address in use: exit 1 and one line saying it cannot listen (no log noise before it)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "session_proxy", "serve", "--backend", "local",
+             "--listen", f"127.0.0.1:{port}", "--ops-listen", ""],
+            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("session-proxy: cannot listen: ")
+    assert "address already in use" in lines[0]
