@@ -9,7 +9,9 @@ from typing import Any
 
 import aiohttp
 
+from session_proxy.exec_command import exit_code_for
 from session_proxy.keys import ADMISSION, SUPERVISOR
+from session_proxy.models import ExitEvent
 
 from .conftest import (
     ProxyFactory,
@@ -231,3 +233,18 @@ async def test_second_signal_ends_running_execs_without_waiting_out_the_grace(
     assert final(await running)["reason"] == "shutdown"
     await stopping
     assert await survivors(marker, within=0) == []
+
+
+async def test_early_end_reports_no_exit_code_on_kubernetes_either(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """Output limit on the kubernetes backend: exit_code and signal null, as on local (not the
+    wrapper's 143), so the CLI maps it to 125 on both."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, max_output_bytes=1000)
+    script = f"sleep {marker} & while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"
+    exit_event = final(await exec_events(http, proxy, {"command": ["sh", "-c", script], "timeout": 30}))
+    assert exit_event["reason"] == "output_limit"
+    assert (exit_event["exit_code"], exit_event["signal"]) == (None, None)
+    assert exit_code_for(ExitEvent.model_validate(exit_event)) == 125
+    assert await survivors(marker) == []
