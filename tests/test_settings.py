@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,25 +13,68 @@ import pytest
 from pydantic import ValidationError
 
 from session_proxy.cli import build_parser, describe_settings_error, settings_from
-from session_proxy.settings import Settings
+from session_proxy.settings import DEFAULT_CA_FILE, DEFAULT_TOKEN_FILE, Settings
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Settings:
     return settings_from(build_parser().parse_args(["serve", *argv]), environ)
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+# Defaults the README states in words; each is checked here, everything else must be `literal`.
+DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
+    "unsafe_listen_any_address": ("off", False),
+    "auth_token_file": ("unset: no token", None),
+    "backend": ("`kubernetes` in a cluster (`KUBERNETES_SERVICE_HOST` set), else `local`", "local"),
+    "local_root": ("current directory", Path.cwd().resolve()),
+    "kubeconfig": ("`$KUBECONFIG`", None),
+    "token_file": ("the standard service-account paths", DEFAULT_TOKEN_FILE),
+    "ca_file": ("the standard service-account paths", DEFAULT_CA_FILE),
+    "namespace": ("`$POD_NAMESPACE`", None),
+    "session_name": ("`$SESSION_NAME`", None),
+    "workspace_selector": ("`session=$SESSION_NAME,type=workspace`", None),
+    "owner_kind": ("unset", None),
+    "owner_api_group": ("unset", ""),
+    "owner_name": ("unset", None),
+    "owner_uid": ("unset", None),
+}
+
+
+def documented_defaults() -> dict[str, str]:
+    """Setting name -> the README table's default cell (one literal per flag where it lists several)."""
+    table: dict[str, str] = {}
+    for line in README.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`--"):
+            continue
+        names = [flag.strip("`").removeprefix("--").replace("-", "_") for flag in cells[0].split(", ")]
+        literals = re.findall(r"`([^`]*)`", cells[2].split(" (")[0])
+        for index, name in enumerate(names):
+            if name in DEFAULTS_IN_WORDS:
+                table[name] = cells[2]
+            else:
+                assert len(literals) == len(names), f"{cells[0]}: not one literal default per flag"
+                table[name] = literals[index]
+    return table
+
+
 def test_defaults_match_the_documented_table() -> None:
-    """Without flags or variables, the defaults are DESIGN's (outside a cluster: local backend)."""
+    """Every setting is in the README's table, and its default there is the one ``Settings`` has
+    (outside a cluster, without variables)."""
     settings = parse([], {})
-    assert settings.listen == "127.0.0.1:8081"
-    assert settings.ops_listen == "0.0.0.0:9464"
-    assert settings.backend == "local"
-    assert settings.workspace_container == "workspace"
-    assert (settings.max_concurrent, settings.default_timeout, settings.max_timeout) == (10, 300, 1800)
-    assert settings.idle_timeout == 0
-    assert settings.max_output_bytes == 16 * 1024 * 1024
-    assert settings.max_body_bytes == 1024 * 1024
-    assert (settings.kill_grace, settings.shutdown_grace) == (5, 20)
+    documented = documented_defaults()
+    assert sorted(documented) == sorted(Settings.model_fields)
+    for name, text in documented.items():
+        actual = getattr(settings, name)
+        if name in DEFAULTS_IN_WORDS:
+            words, expected = DEFAULTS_IN_WORDS[name]
+            assert (text, actual) == (words, expected), name
+        elif name == "unix_socket_mode":
+            assert int(text, 8) == actual
+        elif isinstance(actual, bool | str):
+            assert text == str(actual), name
+        else:
+            assert float(text) == actual, name
 
 
 def test_in_cluster_default_backend_is_kubernetes() -> None:
