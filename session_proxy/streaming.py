@@ -82,6 +82,7 @@ class ExecRun:
         self._splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
         self._response: web.StreamResponse | None = None
         self._starting: asyncio.Task[Execution] | None = None
+        self._waiting = False  # the backend reported a wait: nothing started, it may be cancelled
         self._execution: Execution | None = None
         self._ending: asyncio.Task[ExitStatus | None] | None = None
         self._stopping = False
@@ -92,9 +93,14 @@ class ExecRun:
         return self._execution is not None
 
     def stop(self) -> None:
-        """End now with reason ``shutdown``; a command not started yet is never started."""
+        """End now with reason ``shutdown``; a command not started yet is never started.
+
+        A start still waiting (for the workspace) is cancelled; one past that point (spawning,
+        connecting) runs to completion and its command is then ended at once: cancelling it
+        there could lose a command that had just started.
+        """
         self._stopping = True
-        if self._starting is not None:
+        if self._starting is not None and self._waiting:
             self._starting.cancel()
         self._deadline.stop_now()
 
@@ -133,14 +139,14 @@ class ExecRun:
             raise shutting_down()
         self._starting = asyncio.ensure_future(self._backend.start(self._spec, self._send_waiting))
         try:
-            execution = await self._starting
+            # Shielded: a client leaving must not cancel a start half-way (see _end_in_background).
+            execution = await asyncio.shield(self._starting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._stopping or (task is not None and task.cancelling()):
-                raise  # the client is gone (the start task was cancelled with us)
-            raise shutting_down() from None
-        finally:
-            self._starting = None
+                raise  # the client is gone
+            raise shutting_down() from None  # stop() cancelled a waiting start
+        self._starting = None
         self._execution = execution
         self._record.started(execution.target)
         if self._stopping:
@@ -186,7 +192,14 @@ class ExecRun:
         if self._ending is not None:
             return self._ending
         if self._execution is None:
-            self._slot.release()
+            starting = self._starting
+            if starting is not None and not starting.done():
+                # Ended while the backend was starting: if the command starts after all, end it then.
+                if self._waiting:
+                    starting.cancel()
+                starting.add_done_callback(self._end_late_start)
+            else:
+                self._slot.release()
             done: asyncio.Future[ExitStatus | None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
@@ -195,6 +208,14 @@ class ExecRun:
         )
         self._ending.add_done_callback(lambda _: self._slot.release())
         return self._ending
+
+    def _end_late_start(self, starting: asyncio.Task[Execution]) -> None:
+        if starting.cancelled() or starting.exception() is not None:
+            self._slot.release()
+            return
+        self._execution = starting.result()
+        self._starting = None
+        self._end_in_background()
 
     async def _forward(self, chunk: OutputChunk) -> bool:
         """Write a chunk, cut at the output cap; False when the cap was hit."""
@@ -246,6 +267,7 @@ class ExecRun:
             log.warning("client did not take the exit event", extra={"exec_id": self._spec.exec_id})
 
     async def _send_waiting(self, message: str) -> None:
+        self._waiting = True
         await self._write({"type": "waiting", "message": message})
 
     async def _write(self, event: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import aiohttp
 
+from session_proxy.backends.base import ExecSpec, WaitingCallback
+from session_proxy.backends.local import LocalBackend
 from session_proxy.exec_command import exit_code_for
 from session_proxy.keys import ADMISSION, SUPERVISOR
 from session_proxy.models import ExitEvent
@@ -248,3 +250,58 @@ async def test_early_end_reports_no_exit_code_on_kubernetes_either(
     assert (exit_event["exit_code"], exit_event["signal"]) == (None, None)
     assert exit_code_for(ExitEvent.model_validate(exit_event)) == 125
     assert await survivors(marker) == []
+
+
+class SlowStartBackend(LocalBackend):
+    """The local backend, whose start returns only when the test says so, after spawning."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.spawned = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Any:
+        execution = await super().start(spec, on_waiting)
+        self.spawned.set()
+        await self.release.wait()
+        return execution
+
+
+async def test_shutdown_during_a_start_past_waiting_ends_the_command(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """A drain that begins while the backend is spawning does not cancel the start half-way
+    (that would lose the command): the start completes, the command is ended at once, and the
+    client gets 503 shutting_down."""
+    backend = SlowStartBackend(tmp_path)
+    proxy = await make_proxy(exec_backend=backend, shutdown_grace=30)
+    request = asyncio.create_task(http.post(f"{proxy.url}/exec", json={"command": forking(marker)}))
+    await backend.spawned.wait()
+    stopping = await start_drain(proxy)
+    backend.release.set()
+    async with await request as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "shutting_down"
+    await stopping
+    assert await survivors(marker) == []
+
+
+async def test_client_leaving_during_a_start_does_not_lose_the_command(
+    make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """A client that hangs up while the backend is still starting: the command that starts
+    anyway is ended, and its slot comes back once it is gone."""
+    backend = SlowStartBackend(tmp_path)
+    proxy = await make_proxy(exec_backend=backend, max_concurrent=1)
+    async with aiohttp.ClientSession() as leaving:
+        request = asyncio.create_task(leaving.post(f"{proxy.url}/exec", json={"command": forking(marker)}))
+        await backend.spawned.wait()
+        request.cancel()
+    await wait_for_processes(marker, 2)
+    while proxy.server.exec_app[SUPERVISOR].in_flight:
+        await asyncio.sleep(0.01)  # the request is over, the start still blocked
+    assert proxy.server.exec_app[ADMISSION].active == 1
+    backend.release.set()
+    assert await survivors(marker) == []
+    while proxy.server.exec_app[ADMISSION].active:
+        await asyncio.sleep(0.01)
