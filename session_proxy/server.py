@@ -53,6 +53,7 @@ class ProxyServer:
         self._runners: list[web.AppRunner] = []
         self._exec_runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
         self._signals = 0
         self.exec_url = ""
         self.ops_url: str | None = None
@@ -108,7 +109,15 @@ class ProxyServer:
             self.exec_app[SUPERVISOR].force()
 
     async def stop(self) -> None:
-        """Refuse new execs (503), drain, then close everything (probes answer until the end)."""
+        """Refuse new execs (503), drain, then close everything (probes answer until the end).
+
+        Safe to call again, even while a stop is under way: every caller waits for the one stop.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_close())
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_close(self) -> None:
         settle = self.settings.kill_grace + SHUTDOWN_SLACK
         await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace, settle=settle)
         await self._close()

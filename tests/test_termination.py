@@ -110,11 +110,10 @@ async def test_shutdown_ends_running_execs_with_reason_shutdown(
     """Stopping the server past its grace ends each exec with an exit event, reason shutdown."""
     proxy = await make_proxy(shutdown_grace=0.2)
     body = {"command": forking(marker), "timeout": 60}
-    requests = [asyncio.create_task(exec_events(http, proxy, body)) for _ in range(3)]
-    await wait_for_processes(marker, 6)
+    responses = [await started_exec(http, proxy, body) for _ in range(3)]
     await proxy.server.stop()
-    for events in await asyncio.gather(*requests):
-        assert final(events)["reason"] == "shutdown"
+    for response in responses:
+        assert final(await remaining_events(response))["reason"] == "shutdown"
     assert await survivors(marker, within=0) == []
 
 
@@ -123,26 +122,30 @@ async def test_shutdown_lets_short_execs_finish(
 ) -> None:
     """An exec running when the drain begins may finish within the grace, and completes normally."""
     proxy = await make_proxy(shutdown_grace=30)
-    started, go = tmp_path / "started", tmp_path / "go"
-    script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.01; done; echo finished"
-    request = asyncio.create_task(exec_events(http, proxy, {"command": ["sh", "-c", script]}))
-    await wait_for_path(started)
-    stopping = asyncio.create_task(proxy.server.stop())
-    while not proxy.server.exec_app[SUPERVISOR].draining:
-        await asyncio.sleep(0.01)
+    go = tmp_path / "go"
+    script = f"while [ ! -e {go} ]; do sleep 0.01; done; echo finished"
+    running = await started_exec(http, proxy, {"command": ["sh", "-c", script]})
+    stopping = await start_drain(proxy)
     go.touch()  # only once the drain has begun may the command finish
-    events = await request
+    events = await remaining_events(running)
     await stopping
     assert final(events)["reason"] == "exited"
     assert output_of(events, "stdout") == b"finished\n"
 
 
-async def wait_for_path(path: Path, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not path.exists():
-        assert loop.time() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.01)
+async def started_exec(
+    http: aiohttp.ClientSession, proxy: RunningProxy, body: dict[str, Any]
+) -> aiohttp.ClientResponse:
+    """POST /exec and return the open response once its ``start`` event has arrived."""
+    response = await http.post(f"{proxy.url}/exec", json=body)
+    assert response.status == 200, await response.text()
+    assert json.loads(await response.content.readline())["type"] == "start"
+    return response
+
+
+async def remaining_events(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    async with response:
+        return [json.loads(line) async for line in response.content]
 
 
 async def fetch_metrics(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
@@ -166,8 +169,7 @@ async def test_while_draining_the_exec_port_answers_503_and_readyz_is_503(
     proxy = await make_proxy(shutdown_grace=30)
     started, go = tmp_path / "started", tmp_path / "go"
     script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.01; done; echo finished"
-    running = asyncio.create_task(exec_events(http, proxy, {"command": ["sh", "-c", script]}))
-    await wait_for_path(started)
+    running = await started_exec(http, proxy, {"command": ["sh", "-c", script]})
     stopping = await start_drain(proxy)
     async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as refused:
         assert refused.status == 503
@@ -178,7 +180,7 @@ async def test_while_draining_the_exec_port_answers_503_and_readyz_is_503(
     metrics = await fetch_metrics(http, proxy)
     assert 'session_proxy_rejections_total{reason="shutting_down"} 1.0' in metrics
     go.touch()
-    assert final(await running)["reason"] == "exited"
+    assert final(await remaining_events(running))["reason"] == "exited"
     await stopping
 
 
@@ -227,12 +229,11 @@ async def test_second_signal_ends_running_execs_without_waiting_out_the_grace(
 ) -> None:
     """A second stop request ends execs at once (reason shutdown) though the grace is 120 s."""
     proxy = await make_proxy(shutdown_grace=120)
-    running = asyncio.create_task(exec_events(http, proxy, {"command": forking(marker), "timeout": 600}))
-    await wait_for_processes(marker, 2)
+    running = await started_exec(http, proxy, {"command": forking(marker), "timeout": 600})
     stopping = await start_drain(proxy)
     proxy.server.request_stop()
     proxy.server.request_stop()
-    assert final(await running)["reason"] == "shutdown"
+    assert final(await remaining_events(running))["reason"] == "shutdown"
     await stopping
     assert await survivors(marker, within=0) == []
 
