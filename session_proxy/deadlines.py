@@ -48,6 +48,10 @@ class ExecDeadline:
         if self._timer is not None and not self._timer.expired():
             self._timer.reschedule(self._loop.time())
 
+    def expired(self) -> bool:
+        """The timer fired (a ``TimeoutError`` inside it is ours, not the backend's)."""
+        return self._timer is not None and self._timer.expired()
+
     def reason(self) -> ExitReason:
         """Which limit ended the exec, once the timer has fired."""
         if self._stopped:

@@ -156,9 +156,16 @@ class ExecRun:
 
     async def _stream(self, execution: Execution) -> ExitReason:
         """Forward output until the command exits or a limit ends it; return why it ended."""
-        response = await self._prepare()
         self._record.start_sent(self._deadline.elapsed())
-        await response.write(encode_event(self._start_event(execution)))
+        await self._write(
+            {
+                "type": "start",
+                "exec_id": self._spec.exec_id,
+                "target": execution.target,
+                "timeout": self._spec.timeout,
+                "guarantees": execution.guarantees.model_dump(),
+            }
+        )
         deadline = self._deadline
         try:
             async with deadline.running():
@@ -171,6 +178,8 @@ class ExecRun:
                     if not await self._forward(chunk):
                         return "output_limit"
         except TimeoutError:
+            if not deadline.expired():
+                raise  # not ours: a failure like any other
             return deadline.reason()
 
     async def _end(self, execution: Execution, ended_by: ExitReason) -> tuple[ExitStatus, ExitReason]:
@@ -289,15 +298,6 @@ class ExecRun:
             await response.prepare(self._request)
             self._response = response
         return self._response
-
-    def _start_event(self, execution: Execution) -> dict[str, Any]:
-        return {
-            "type": "start",
-            "exec_id": self._spec.exec_id,
-            "target": execution.target,
-            "timeout": self._spec.timeout,
-            "guarantees": execution.guarantees.model_dump(),
-        }
 
 
 async def _terminate(execution: Execution, grace: float) -> ExitStatus | None:

@@ -220,15 +220,16 @@ async def test_escaped_raw_bytes_in_argv(http: aiohttp.ClientSession, proxy: Run
 class BrokenExecution:
     """A real local execution whose output source breaks after the first chunk (a bug's stand-in)."""
 
-    def __init__(self, inner: Execution) -> None:
+    def __init__(self, inner: Execution, error: type[Exception]) -> None:
         self._inner = inner
+        self._error = error
         self.target = inner.target
         self.guarantees = inner.guarantees
         self._chunks = 0
 
     async def next_chunk(self) -> OutputChunk | None:
         if self._chunks:
-            raise RuntimeError("secret internal detail")
+            raise self._error("secret internal detail")
         self._chunks += 1
         return await self._inner.next_chunk()
 
@@ -245,9 +246,15 @@ class BrokenExecution:
 class BrokenBackend(LocalBackend):
     """The local backend, failing with an unexpected exception at a chosen point."""
 
-    def __init__(self, root: Path, fail: Literal["start", "after_waiting", "stream"]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fail: Literal["start", "after_waiting", "stream"],
+        error: type[Exception] = RuntimeError,
+    ) -> None:
         super().__init__(root)
         self._fail = fail
+        self._error = error
 
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Any:
         if self._fail == "start":
@@ -255,7 +262,7 @@ class BrokenBackend(LocalBackend):
         if self._fail == "after_waiting":
             await on_waiting("pretending the workspace is still starting")
             raise RuntimeError("secret internal detail")
-        return BrokenExecution(await super().start(spec, on_waiting))
+        return BrokenExecution(await super().start(spec, on_waiting), self._error)
 
 
 async def metrics_text(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
@@ -263,7 +270,9 @@ async def metrics_text(http: aiohttp.ClientSession, proxy: RunningProxy) -> str:
         return await response.text()
 
 
+@pytest.mark.parametrize("error", [RuntimeError, TimeoutError])
 async def test_unexpected_failure_mid_stream_ends_the_command_and_reports_it(
+    error: type[Exception],
     http: aiohttp.ClientSession,
     make_proxy: ProxyFactory,
     tmp_path: Path,
@@ -271,15 +280,16 @@ async def test_unexpected_failure_mid_stream_ends_the_command_and_reports_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Any exception while streaming: the group is ended, an ``error`` exit is the last event,
-    the exec is logged and counted exactly once, and the failure's traceback goes to the log."""
+    the exec is logged and counted exactly once, and the failure's traceback goes to the log.
+    A ``TimeoutError`` from the backend is such a failure too, not the exec's (idle) timeout."""
     caplog.set_level(logging.INFO)
-    proxy = await make_proxy(exec_backend=BrokenBackend(tmp_path, "stream"))
+    proxy = await make_proxy(exec_backend=BrokenBackend(tmp_path, "stream", error), idle_timeout=30)
     body = {"command": ["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], "timeout": 60}
     events = await exec_events(http, proxy, body)
     assert output_of(events, "stdout") == b"started\n"
     exit_event = final(events)
     assert (exit_event["reason"], exit_event["exit_code"]) == ("error", None)
-    assert "RuntimeError" in exit_event["message"]
+    assert error.__name__ in exit_event["message"]
     assert "secret" not in exit_event["message"]
     assert await survivors(marker) == []
     metrics = await metrics_text(http, proxy)
