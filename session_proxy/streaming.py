@@ -269,7 +269,8 @@ class ExecRun:
                     for kind, text in splitter.flush():
                         await self._write({"type": stream, kind: text})
                 await self._write(event)
-                await asyncio.shield(self._end_in_background())
+            await asyncio.shield(self._end_in_background())  # within the kill grace
+            async with asyncio.timeout(timeout):
                 response = await self._prepare()
                 await response.write_eof()
         except (TimeoutError, ConnectionError):
