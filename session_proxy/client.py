@@ -71,7 +71,9 @@ def default_token() -> str | None:
 
 
 class ExecClient:
-    def __init__(self, url: str | None = None, *, token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, *, token: str | None = None, connect_timeout: float = 10
+    ) -> None:
         url = url or default_url()
         token = token or default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -83,7 +85,7 @@ class ExecClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
         )
 
     async def __aenter__(self) -> ExecClient:

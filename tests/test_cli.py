@@ -7,6 +7,7 @@ import io
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from session_proxy.client import ExecClient
+from session_proxy.client import ExecClient, ProxyUnreachable
 from session_proxy.exec_command import run_exec_command
 from session_proxy.models import ExitEvent, OutputEvent
 
@@ -268,3 +269,26 @@ async def test_leaving_the_events_block_ends_the_command_at_once(
                     break
         assert processes_with(marker)  # still referenced and the session open; yet:
         assert await survivors(marker) == []
+
+
+async def test_a_connect_timeout_is_unreachable_not_a_traceback() -> None:
+    """A listener whose accept queue is full never completes the handshake: the client gives up
+    after its connect timeout with ``ProxyUnreachable``, not aiohttp's own exception."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        url = f"http://127.0.0.1:{full.getsockname()[1]}"
+        queued = []
+        for _ in range(3):  # fill the accept queue: later handshakes get no answer
+            waiting = socket.socket()
+            waiting.setblocking(False)
+            waiting.connect_ex(full.getsockname())
+            queued.append(waiting)
+        try:
+            async with ExecClient(url, connect_timeout=0.5) as client:
+                with pytest.raises(ProxyUnreachable, match="cannot reach session-proxy"):
+                    async for _ in client.exec(["true"]):
+                        pass
+        finally:
+            for waiting in queued:
+                waiting.close()
