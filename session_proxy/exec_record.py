@@ -31,8 +31,7 @@ class ExecRecord:
         self.truncated = False
         self.outcome = "error"
         self.status: ExitStatus | None = None
-        self.target = ""
-        self.counts = False  # whether this request is an exec (see the class docstring)
+        self.target = ""  # set once the command started
         self._written = False
 
     @property
@@ -42,7 +41,6 @@ class ExecRecord:
     def started(self, target: str) -> None:
         """The command runs: it is in flight until the record is written."""
         self.target = target
-        self.counts = True
         self._metrics.in_flight.inc()
 
     def start_sent(self, seconds: float) -> None:
@@ -50,9 +48,12 @@ class ExecRecord:
         # Every exec opens its own stream today; warm (pre-opened) execs will say "warm".
         self._metrics.exec_start_latency.labels(path="cold").observe(seconds)
 
-    def write(self, duration: float) -> None:
-        """Count the exec and log its line; every call after the first does nothing."""
-        if self._written or not self.counts:
+    def write(self, duration: float, *, answered: bool) -> None:
+        """Count the exec and log its line; every call after the first does nothing.
+
+        ``answered``: the response began (see the class docstring for what counts).
+        """
+        if self._written or not (self.target or answered):
             return
         self._written = True
         if self.target:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-import orjson
 from aiohttp import web
 
 from .backends.base import ExecBackend, ExecSpec, Execution, ExitStatus, OutputChunk
@@ -26,6 +25,7 @@ from .errors import NotReady, ProxyError
 from .exec_record import ExecRecord
 from .metrics import Metrics
 from .models import ExitReason
+from .ndjson import EventStream
 from .settings import Settings
 from .supervisor import Supervisor
 from .utf8 import Utf8Splitter
@@ -41,12 +41,6 @@ SHUTTING_DOWN_RETRY_AFTER: Final = 5
 
 class Slot(Protocol):
     def release(self) -> None: ...
-
-
-def encode_event(event: dict[str, Any]) -> bytes:
-    # orjson writes the same bytes as json.dumps(ensure_ascii=False, separators=(",", ":")),
-    # about thirty times faster on large strings: escaping output is the streaming hot path.
-    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def shutting_down() -> NotReady:
@@ -80,7 +74,7 @@ class ExecRun:
         self._deadline = ExecDeadline(spec.arrived, spec.timeout, settings.idle_timeout)
         self._record = ExecRecord(spec, metrics)
         self._splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
-        self._response: web.StreamResponse | None = None
+        self._events = EventStream(request, spec.exec_id)
         self._starting: asyncio.Task[Execution] | None = None
         self._waiting = False  # the backend reported a wait: nothing started, it may be cancelled
         self._execution: Execution | None = None
@@ -116,22 +110,21 @@ class ExecRun:
             self._record.outcome = "client_gone"
             raise
         except ProxyError as error:
-            if self._response is None:
+            if not self._events.begun:
                 raise  # nothing sent yet: the middleware answers with a JSON error
             failed: ExitReason = "shutdown" if error.code == "shutting_down" else "error"
             await self._finish(ExitStatus(None, reason=failed, message=error.message), failed)
         except Exception as error:
-            if self._response is None:
+            if not self._events.begun:
                 raise  # the middleware logs it and answers with a JSON 500
             log.exception("exec failed", extra={"exec_id": self._spec.exec_id})
             message = f"internal error ({type(error).__name__}); see the proxy's log"
             await self._finish(ExitStatus(None, reason="error", message=message), "error")
         finally:
             self._end_in_background()
-            self._record.write(self._deadline.elapsed())
+            self._record.write(self._deadline.elapsed(), answered=self._events.begun)
             self._supervisor.remove(self)
-        assert self._response is not None
-        return self._response
+        return self._events.response
 
     async def _start(self) -> Execution:
         """Start the command, unless shutdown comes first: then it never starts."""
@@ -157,7 +150,7 @@ class ExecRun:
     async def _stream(self, execution: Execution) -> ExitReason:
         """Forward output until the command exits or a limit ends it; return why it ended."""
         self._record.start_sent(self._deadline.elapsed())
-        await self._write(
+        await self._events.write(
             {
                 "type": "start",
                 "exec_id": self._spec.exec_id,
@@ -240,7 +233,7 @@ class ExecRun:
             record.stderr_bytes += len(data)
         record.output_counters[chunk.stream].inc(len(data))
         for kind, text in self._splitters[chunk.stream].feed(data):
-            await self._write({"type": chunk.stream, kind: text})
+            await self._events.write({"type": chunk.stream, kind: text})
         return not record.truncated
 
     async def _finish(self, status: ExitStatus, reason: ExitReason) -> None:
@@ -261,44 +254,23 @@ class ExecRun:
         if status.message:
             event["message"] = status.message
         # Counted before the client can see the end, so a scrape right after agrees with it.
-        record.write(self._deadline.elapsed())
+        record.write(self._deadline.elapsed(), answered=True)
         timeout = FINAL_WRITE_TIMEOUT_SHUTDOWN if self._stopping else FINAL_WRITE_TIMEOUT
         try:
             async with asyncio.timeout(timeout):
                 for stream, splitter in self._splitters.items():
                     for kind, text in splitter.flush():
-                        await self._write({"type": stream, kind: text})
-                await self._write(event)
+                        await self._events.write({"type": stream, kind: text})
+                await self._events.write(event)
             await asyncio.shield(self._end_in_background())  # within the kill grace
             async with asyncio.timeout(timeout):
-                response = await self._prepare()
-                await response.write_eof()
+                await self._events.end()
         except (TimeoutError, ConnectionError):
             log.warning("client did not take the exit event", extra={"exec_id": self._spec.exec_id})
 
     async def _send_waiting(self, message: str) -> None:
         self._waiting = True
-        await self._write({"type": "waiting", "message": message})
-
-    async def _write(self, event: dict[str, Any]) -> None:
-        response = await self._prepare()
-        await response.write(encode_event(event))
-
-    async def _prepare(self) -> web.StreamResponse:
-        if self._response is None:
-            response = web.StreamResponse(
-                status=200,
-                headers={
-                    "Content-Type": "application/x-ndjson",
-                    "Cache-Control": "no-store",
-                    "X-Exec-Id": self._spec.exec_id,
-                },
-            )
-            response.enable_chunked_encoding()
-            self._record.counts = True
-            await response.prepare(self._request)
-            self._response = response
-        return self._response
+        await self._events.write({"type": "waiting", "message": message})
 
 
 async def _terminate(execution: Execution, grace: float) -> ExitStatus | None:
