@@ -30,7 +30,7 @@ def build_backend(settings: Settings, metrics: Metrics) -> ExecBackend:
     if settings.backend == "local":
         from .backends.local import LocalBackend
 
-        return LocalBackend(settings.local_root)
+        return LocalBackend(settings.local_root, metrics)
     from .backends.kubernetes import KubernetesBackend
 
     try:

@@ -103,6 +103,11 @@ class Metrics:
             ["version", "backend"],
             registry=r,
         )
+        self.processes_survived_kill = Counter(
+            "session_proxy_processes_survived_kill",
+            "Processes of a local command still alive after KILL (each is also logged).",
+            registry=r,
+        )
         self._create_watched_series()
 
     def _create_watched_series(self) -> None:

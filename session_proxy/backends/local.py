@@ -3,38 +3,38 @@
 For development and demos. It is not a sandbox: the command runs as the proxy's user with the
 proxy's filesystem. Each command gets its own session (so its own process group) and a minimal
 environment; the proxy's environment, with whatever secrets it holds, is never passed on.
+
+Commands are started by a helper process (``spawner``), each under its own leader that answers
+for everything the command starts, including processes that leave its group or session, and
+ends all of it when the proxy goes away, even by SIGKILL. Linux only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
-import subprocess
-from collections import deque
+import signal
+import socket
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from ..errors import NotFound
+from ..errors import BackendFailure, NotFound
+from ..metrics import Metrics
 from ..models import Guarantees
-from .base import (
-    BackendInfo,
-    ExecSpec,
-    ExitDrain,
-    ExitStatus,
-    OutputChunk,
-    StreamName,
-    WaitingCallback,
-    next_output,
-)
-from .process_group import terminate_group
+from .base import BackendInfo, ExecSpec, ExitDrain, ExitStatus, OutputChunk, WaitingCallback, next_output
+from .local_output import CommandOutput
+from .local_spawner import LeaderChannel, Spawner
 
-# Output waiting for the client is capped: past HIGH_WATER the pipes are no longer read, so the
-# command blocks in write() until the client catches up (backpressure, bounded memory).
-HIGH_WATER: Final = 256 * 1024
-LOW_WATER: Final = 64 * 1024
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True)
-STREAMS: Final[dict[int, StreamName]] = {1: "stdout", 2: "stderr"}
+# The leader answers a terminate within grace + its own KILL confirmation (2 s); past this
+# margin it is presumed stuck (stopped, say) and the proxy ends the group itself.
+LEADER_REPLY_MARGIN: Final = 10.0
+LEADER_GONE: Final = "the command's leader process ended unexpectedly; its exit status is unknown"
+
+log = logging.getLogger(__name__)
 
 
 def status_from_returncode(returncode: int) -> ExitStatus:
@@ -43,116 +43,94 @@ def status_from_returncode(returncode: int) -> ExitStatus:
     return ExitStatus(exit_code=returncode)
 
 
-class CommandProtocol(asyncio.SubprocessProtocol):
-    """Collects output with flow control and learns of the exit apart from pipe EOF.
-
-    asyncio's ``Process.wait()`` returns only once the pipes have closed, which a background
-    child holding them (``server &``) can put off for ever; ``process_exited`` cannot.
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.exited = False
-        self.chunks: deque[OutputChunk] = deque()
-        self.open_streams = set(STREAMS)
-        self._buffered = 0
-        self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
-
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        assert isinstance(data, bytes)
-        self.chunks.append(OutputChunk(STREAMS[fd], data))
-        self._buffered += len(data)
-        if self._buffered >= HIGH_WATER and not self._paused:
-            self._set_reading(False)
-        self._wake()
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        self.open_streams.discard(fd)
-        self._wake()
-
-    def process_exited(self) -> None:
-        self.exited = True
-        self._wake()
-
-    @property
-    def stream_open(self) -> bool:
-        return bool(self.open_streams)
-
-    def take(self) -> OutputChunk | None:
-        if not self.chunks:
-            return None
-        chunk = self.chunks.popleft()
-        self._buffered -= len(chunk.data)
-        if self._paused and self._buffered <= LOW_WATER:
-            self._set_reading(True)
-        return chunk
-
-    async def changed(self) -> None:
-        """Wait until output, EOF or the exit arrives."""
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _set_reading(self, reading: bool) -> None:
-        assert self.transport is not None
-        self._paused = not reading
-        for fd in self.open_streams:
-            pipe = self.transport.get_pipe_transport(fd)
-            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
-                pipe.resume_reading() if reading else pipe.pause_reading()
-
-
 class LocalExecution:
     """A running local command; see ``Execution`` for the contract."""
 
     guarantees = ALL_GUARANTEES
 
-    def __init__(self, transport: asyncio.SubprocessTransport, protocol: CommandProtocol, target: str):
+    def __init__(
+        self, target: str, exec_id: str, pid: int, channel: LeaderChannel, output: CommandOutput,
+        stdin: asyncio.WriteTransport | None, metrics: Metrics | None,
+    ) -> None:  # fmt: skip
         self.target = target
-        self._transport = transport
-        self._protocol = protocol
-        self._pid = transport.get_pid()
+        self._exec_id = exec_id
+        self._pid = pid
+        self._channel = channel
+        self._output = output
+        self._metrics = metrics
         self._drain = ExitDrain()
+        self._returncode: int | None = None
+        self._leader_gone = False
+        self._survivors: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._stdin = stdin
+        self._follower = asyncio.create_task(self._follow(), name=f"leader-{exec_id}")
+
+    async def _follow(self) -> None:
+        """Apply the leader's reports: the command's exit, then what survived the end."""
+        while (message := await self._channel.receive()) is not None:
+            if "exited" in message:
+                self._returncode = int(message["exited"])
+                self._output.mark_exited()
+            elif "terminated" in message and not self._survivors.done():
+                self._survivors.set_result([int(pid) for pid in message["terminated"]])
+        self._leader_gone = True
+        self._output.mark_exited()
+        if not self._survivors.done():
+            self._survivors.cancel()
 
     async def next_chunk(self) -> OutputChunk | None:
-        chunk = await next_output(self._protocol, self._drain)
+        chunk = await next_output(self._output, self._drain)
         if chunk is None:
-            await self._exited()  # the pipes may close before the command exits
+            while not self._output.exited:  # the pipes may close before the command exits
+                await self._output.changed()
         return chunk
 
-    async def _exited(self) -> int:
-        while not self._protocol.exited:
-            await self._protocol.changed()
-        returncode = self._transport.get_returncode()
-        assert returncode is not None
-        return returncode
-
     def exit_status(self) -> ExitStatus:
-        returncode = self._transport.get_returncode()
-        assert returncode is not None, "exit_status() before the command ended"
-        return status_from_returncode(returncode)
+        if self._returncode is None:
+            assert self._leader_gone, "exit_status() before the command ended"
+            return ExitStatus(exit_code=None, reason="error", message=LEADER_GONE)
+        return status_from_returncode(self._returncode)
 
     async def terminate(self, grace: float) -> ExitStatus | None:
-        was_running = not self._protocol.exited
-        await terminate_group(self._pid, grace, leader_exited=self._exited)
-        if was_running and self._protocol.exited:
+        was_running = not self._output.exited
+        # After a normal exit, a process detached on purpose (own session, no pipe of ours) may
+        # stay; on an early end, nothing the command started does.
+        self._channel.send({"terminate": grace, "spare_detached": not was_running})
+        try:
+            async with asyncio.timeout(grace + LEADER_REPLY_MARGIN):
+                survivors = await asyncio.shield(self._survivors)
+        except (TimeoutError, asyncio.CancelledError):
+            if not self._survivors.cancelled():
+                raise
+            survivors = self._kill_group()
+        self._report(survivors)
+        if was_running and self._output.exited:
             return self.exit_status()
         return None
 
+    def _kill_group(self) -> list[int]:
+        """Without a leader, the proxy can still KILL the command's own group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pid, signal.SIGKILL)
+        return []
+
+    def _report(self, survivors: list[int]) -> None:
+        if not survivors:
+            return
+        extra = {"exec_id": self._exec_id, "pids": survivors}
+        log.warning("processes survived KILL", extra=extra)
+        if self._metrics is not None:
+            self._metrics.processes_survived_kill.inc(len(survivors))
+
     async def close(self) -> None:
-        # Closes our ends of the pipes even if an escaped child still holds theirs.
-        self._transport.close()
+        # EOF on the channel tells a leader still running to KILL everything below it.
+        await self._channel.close()
+        self._output.close()
+        if self._stdin is not None:
+            self._stdin.close()
+        self._follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._follower
 
 
 class FailedExecution:
@@ -177,32 +155,52 @@ class FailedExecution:
         return None
 
 
-def _spawn_failure(error: OSError, spec: ExecSpec, cwd: str) -> ExitStatus:
-    # Shell conventions: 127 for "not found", 126 for "found but cannot run".
-    if error.filename == cwd and spec.argv[0] != cwd:
-        return ExitStatus(
-            exit_code=None,
-            reason="error",
-            message=f"workdir {cwd!r} cannot be used: {error.strerror}",
-        )
-    exit_code = 127 if isinstance(error, FileNotFoundError) else 126
-    return ExitStatus(
-        exit_code=exit_code,
-        reason="error",
-        message=f"cannot run {spec.argv[0]!r}: {error.strerror}",
-    )
+def spawn_failure(report: dict[str, Any], spec: ExecSpec, cwd: str) -> ExitStatus:
+    """The leader's ``failed`` report as an exit: shell conventions, 127 not found, 126 not runnable."""
+    reason = os.strerror(int(report["errno"]))
+    if report["failed"] == "chdir":
+        return ExitStatus(exit_code=None, reason="error", message=f"workdir {cwd!r} cannot be used: {reason}")
+    exit_code = 127 if report["errno"] in (2, 20) else 126  # ENOENT, ENOTDIR
+    return ExitStatus(exit_code=exit_code, reason="error", message=f"cannot run {spec.argv[0]!r}: {reason}")
 
 
-def _feed_stdin(transport: asyncio.SubprocessTransport, data: bytes) -> None:
-    """Queue the whole input and close the pipe after it (EOF), without blocking anyone.
+class CommandPipes:
+    """The descriptors of one command: the proxy's ends and the ends handed to its leader."""
 
-    The input is bounded by the request body limit. A command that exits without reading it
-    just breaks the pipe, which the pipe transport absorbs quietly.
-    """
-    stdin = transport.get_pipe_transport(0)
-    assert isinstance(stdin, asyncio.WriteTransport)
-    stdin.write(data)
-    stdin.write_eof()
+    def __init__(self, with_stdin: bool) -> None:
+        self.stdout, stdout_child = os.pipe()
+        self.stderr, stderr_child = os.pipe()
+        if with_stdin:
+            stdin_child, self.stdin = os.pipe()
+        else:
+            stdin_child, self.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
+        self.control, control_child = socket.socketpair()
+        self.for_leader = [stdin_child, stdout_child, stderr_child, control_child.detach()]
+
+    def close_leader_ends(self) -> None:
+        for fd in self.for_leader:
+            os.close(fd)
+        self.for_leader = []
+
+    def take_stdout(self) -> int:
+        fd, self.stdout = self.stdout, -1
+        return fd
+
+    def take_stderr(self) -> int:
+        fd, self.stderr = self.stderr, -1
+        return fd
+
+    def take_stdin(self) -> int:
+        fd, self.stdin = self.stdin, -1
+        return fd
+
+    def close_ours(self, *, control: bool = True) -> None:
+        """Close the proxy's ends not yet handed on (the control socket only if asked)."""
+        for fd in (self.take_stdout(), self.take_stderr(), self.take_stdin()):
+            if fd >= 0:
+                os.close(fd)
+        if control:
+            self.control.close()
 
 
 class LocalBackend:
@@ -210,9 +208,12 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, metrics: Metrics | None = None) -> None:
         self._root = root
         self._target = f"local:{root}"
+        self._metrics = metrics
+        self._spawner: Spawner | None = None
+        self._spawner_lock = asyncio.Lock()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         base = {"PATH": DEFAULT_PATH, "HOME": str(self._root), "LANG": "C.UTF-8"}
@@ -220,26 +221,48 @@ class LocalBackend:
 
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> LocalExecution | FailedExecution:
         cwd = spec.workdir or str(self._root)
-        loop = asyncio.get_running_loop()
+        spawner = await self._running_spawner()
+        pipes = CommandPipes(with_stdin=spec.stdin is not None)
         try:
-            transport, protocol = await loop.subprocess_exec(
-                CommandProtocol,
-                *spec.argv,
-                stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=self.environment(spec.env),
-                start_new_session=True,
-            )
-        except OSError as error:
-            return FailedExecution(self._target, _spawn_failure(error, spec, cwd))
-        if spec.stdin is not None:
-            _feed_stdin(transport, spec.stdin)
-        return LocalExecution(transport, protocol, self._target)
+            try:
+                await spawner.request(pipes.for_leader)
+            finally:
+                pipes.close_leader_ends()
+            channel = await LeaderChannel.connect(pipes.control)
+        except BaseException:
+            pipes.close_ours()
+            raise
+        channel.send({"argv": spec.argv, "cwd": cwd, "env": self.environment(spec.env)})
+        try:
+            report = await channel.receive()
+            if report is None or "started" not in report:
+                pipes.close_ours(control=False)
+                if report is None:
+                    raise BackendFailure("the local process spawner did not start the command")
+                await channel.close()
+                return FailedExecution(self._target, spawn_failure(report, spec, cwd))
+            output = CommandOutput()
+            await output.connect(pipes.take_stdout(), pipes.take_stderr())
+            stdin = await _feed_stdin(pipes.take_stdin(), spec.stdin) if spec.stdin is not None else None
+        except BaseException:
+            pipes.close_ours(control=False)
+            await channel.close()
+            raise
+        pid = int(report["started"])
+        return LocalExecution(self._target, spec.exec_id, pid, channel, output, stdin, self._metrics)
+
+    async def _running_spawner(self) -> Spawner:
+        async with self._spawner_lock:
+            if self._spawner is not None and not self._spawner.running:
+                log.warning("the local process spawner ended; starting a new one")
+                await self._spawner.close()
+                self._spawner = None
+            if self._spawner is None:
+                self._spawner = await Spawner.start()
+            return self._spawner
 
     async def open(self) -> None:
-        return None
+        await self._running_spawner()
 
     async def logs(self, tail: int) -> str:
         raise NotFound("the local backend has no workspace log; /logs is for the kubernetes backend")
@@ -248,4 +271,19 @@ class LocalBackend:
         return BackendInfo(name=self.name, ready=True, target={"root": str(self._root), "pid": os.getpid()})
 
     async def close(self) -> None:
-        return None
+        if self._spawner is not None:
+            await self._spawner.close()
+            self._spawner = None
+
+
+async def _feed_stdin(fd: int, data: bytes) -> asyncio.WriteTransport:
+    """Queue the whole input and close the pipe after it (EOF), without blocking anyone.
+
+    The input is bounded by the request body limit. A command that exits without reading it
+    just breaks the pipe, which the pipe transport absorbs quietly.
+    """
+    pipe = os.fdopen(fd, "wb", buffering=0)
+    transport, _ = await asyncio.get_running_loop().connect_write_pipe(asyncio.Protocol, pipe)
+    transport.write(data)
+    transport.write_eof()
+    return transport

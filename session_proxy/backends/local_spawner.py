@@ -1,0 +1,109 @@
+"""The proxy's side of the local spawner (see ``spawner``): the helper process and its leaders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+from typing import Any, Final
+
+from .spawner import READY
+
+SPAWNER_MODULE: Final = "session_proxy.backends.spawner"
+START_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 5.0
+
+
+class Spawner:
+    """The running helper process; ``request`` hands it the descriptors of one new command."""
+
+    def __init__(self, process: asyncio.subprocess.Process, requests: socket.socket) -> None:
+        self._process = process
+        self._requests = requests
+
+    @classmethod
+    async def start(cls) -> Spawner:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # -P: never import from the working directory; cwd "/" is no workspace either.
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", "-m", SPAWNER_MODULE,
+                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, cwd="/",
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        spawner = cls(process, ours)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                ready = await asyncio.get_running_loop().sock_recv(ours, len(READY))
+        except BaseException:
+            await spawner.close()
+            raise
+        if ready != READY:
+            await spawner.close()
+            raise RuntimeError(f"the local process spawner did not start (exit {process.returncode})")
+        return spawner
+
+    @property
+    def running(self) -> bool:
+        return self._process.returncode is None
+
+    async def request(self, fds: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(self._requests, [b"S"], fds)
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(self._requests, writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self._requests)
+
+    async def close(self) -> None:
+        """EOF ends the spawner; leaders of running commands end with their own channels."""
+        self._requests.close()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self._process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            await self._process.wait()
+
+
+class LeaderChannel:
+    """JSON lines to and from one command's leader over a stream socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, sock: socket.socket) -> LeaderChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        return cls(reader, writer)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(json.dumps(message).encode() + b"\n")
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message; None once the leader is gone (or sent garbage)."""
+        try:
+            line = await self._reader.readline()
+            message = json.loads(line) if line else None
+        except (ConnectionError, ValueError):
+            return None
+        return message if isinstance(message, dict) else None
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()

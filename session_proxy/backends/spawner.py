@@ -1,0 +1,244 @@
+"""The local backend's spawner: a helper process that starts each command under a leader.
+
+Started once per backend (``python -m session_proxy.backends.spawner``) with a SOCK_SEQPACKET
+socket as stdin. For each request (one byte carrying four descriptors: the command's stdin,
+stdout and stderr, and a control socket) it forks a *leader*, which:
+
+- is a child subreaper, so everything the command starts stays below it even after a
+  ``setsid``/``setpgid`` and the death of its parent, and is reaped by it;
+- reads the command (JSON: argv, cwd, env) from the control socket, runs it in a new session
+  and reports ``{"started": pid}`` or ``{"failed": stage, "errno", "strerror"}``, then
+  ``{"exited": returncode}`` (negative: killed by that signal);
+- on ``{"terminate": grace, "spare_detached": bool}`` ends its whole tree (TERM, grace, KILL),
+  answers ``{"terminated": [pids that survived KILL]}`` and exits;
+- on EOF of the control socket (the proxy closed it, or died, even by SIGKILL: the kernel
+  closes a dead process's sockets) KILLs its whole tree and exits.
+
+All this runs outside the proxy's process: the proxy forks nothing but this helper, so no
+reaping here can take a child status that asyncio's child watcher waits for, and no /proc
+walk blocks the proxy's event loop. Forking a leader from this small, single-threaded process
+costs about a millisecond, where starting a Python interpreter per command would cost tens.
+The spawner itself is a subreaper too: detached processes whose leader has exited are
+re-parented to it and reaped. It exits when its socket reaches EOF. Linux only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, Final
+
+from .process_tree import ProcessEntry, TreeEnder, holds_any
+
+PR_SET_CHILD_SUBREAPER: Final = 36
+REQUEST_FDS: Final = 4  # stdin, stdout, stderr, control
+READY: Final = b"ready"
+SIGNALS_RESET_FOR_COMMANDS: Final = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores these
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(error)}")
+
+
+def reap_children() -> dict[int, int]:
+    """Reap every child that has ended; pid -> return code (negative: killed by that signal)."""
+    reaped: dict[int, int] = {}
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped[pid] = os.waitstatus_to_exitcode(status)
+
+
+class ChildSignals:
+    """SIGCHLD as a readable descriptor, so one ``select`` waits for children and messages."""
+
+    def __init__(self) -> None:
+        self.fd, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 512):
+                pass
+
+
+def close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def exec_command(spec: dict[str, Any], stdio: tuple[int, int, int], report: int) -> None:
+    """In the forked child: new session, workdir, stdio, exec. Errors go to ``report``."""
+    stage = "chdir"
+    try:
+        os.setsid()
+        os.chdir(spec["cwd"])
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        os.closerange(3, report)
+        os.closerange(report + 1, os.sysconf("SC_OPEN_MAX"))
+        for signum in SIGNALS_RESET_FOR_COMMANDS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        stage = "exec"
+        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])  # noqa: S606 (an argv, never a shell)
+    except OSError as error:
+        failure = {"failed": stage, "errno": error.errno, "strerror": error.strerror}
+        os.write(report, json.dumps(failure).encode())
+    finally:
+        os._exit(127)
+
+
+class Leader:
+    """Runs one command and answers for everything it starts (see the module docstring)."""
+
+    def __init__(self, stdio: tuple[int, int, int], control: int) -> None:
+        self.stdio = stdio
+        self.control = socket.socket(fileno=control)
+        self.control.setblocking(True)
+        self.command_pid = 0
+        self.output_pipes = frozenset(os.fstat(fd).st_ino for fd in stdio[1:])
+        self.wakeup = ChildSignals()
+        self.received = b""
+
+    def run(self) -> None:
+        become_subreaper()
+        line = self.read_line()
+        if line is None:
+            return
+        if not self.spawn(json.loads(line)):
+            return
+        while (line := self.read_line()) is not None:
+            message = json.loads(line)
+            if "terminate" in message:
+                survivors = self.end_tree(float(message["terminate"]), bool(message["spare_detached"]))
+                self.send({"terminated": survivors})
+                return
+        self.end_tree(0, spare_detached=False)  # the proxy is gone: nothing may outlive it
+
+    def spawn(self, spec: dict[str, Any]) -> bool:
+        report_read, report_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            exec_command(spec, self.stdio, report_write)
+        os.close(report_write)
+        for fd in self.stdio:
+            os.close(fd)  # only the command holds its pipes, so their EOF means what it says
+        with os.fdopen(report_read, "rb") as report:
+            failure = report.read()
+        if failure:
+            os.waitpid(pid, 0)
+            self.send(json.loads(failure))
+            return False
+        self.command_pid = pid
+        self.send({"started": pid})
+        return True
+
+    def read_line(self) -> bytes | None:
+        """The next message line from the proxy, reaping children meanwhile; None at EOF."""
+        while b"\n" not in self.received:
+            ready, _, _ = select.select([self.control.fileno(), self.wakeup.fd], [], [])
+            if self.wakeup.fd in ready:
+                self.reap()
+            if self.control.fileno() in ready:
+                try:
+                    data = self.control.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    return None
+                self.received += data
+        line, _, self.received = self.received.partition(b"\n")
+        return line
+
+    def reap(self) -> None:
+        self.wakeup.clear()
+        for pid, returncode in reap_children().items():
+            if pid == self.command_pid:
+                self.send({"exited": returncode})
+
+    def wait(self, seconds: float) -> None:
+        select.select([self.wakeup.fd], [], [], seconds)
+        self.reap()
+
+    def detached(self, entry: ProcessEntry) -> bool:
+        """Detached on purpose: its own session, and none of the command's output pipes."""
+        return entry.sid != self.command_pid and not holds_any(entry.pid, self.output_pipes)
+
+    def end_tree(self, grace: float, spare_detached: bool) -> list[int]:
+        self.reap()
+        spared = self.detached if spare_detached else (lambda entry: False)
+        return TreeEnder(os.getpid(), self.wait, spared).end(grace)
+
+    def send(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # the proxy is gone; EOF will tell
+            self.control.sendall(json.dumps(message).encode() + b"\n")
+
+
+def start_leader(fds: list[int]) -> None:
+    """In a fresh fork of the spawner: drop the spawner's descriptors and signals, lead."""
+    signal.set_wakeup_fd(-1)
+    close_all_but({1, 2, *fds})
+    Leader((fds[0], fds[1], fds[2]), fds[3]).run()
+
+
+def serve(requests: socket.socket) -> None:
+    become_subreaper()
+    wakeup = ChildSignals()
+    requests.sendall(READY)
+    while True:
+        ready, _, _ = select.select([requests.fileno(), wakeup.fd], [], [])
+        if wakeup.fd in ready:
+            wakeup.clear()
+            reap_children()
+        if requests.fileno() not in ready:
+            continue
+        try:
+            message, fds, _, _ = socket.recv_fds(requests, 16, REQUEST_FDS)
+        except OSError:
+            return
+        if not message:
+            return
+        if len(fds) == REQUEST_FDS:
+            fork_leader(fds)
+        for fd in fds:
+            os.close(fd)
+
+
+def fork_leader(fds: list[int]) -> None:
+    if os.fork() == 0:
+        code = 0
+        try:
+            start_leader(fds)
+        except BaseException:
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+
+
+def main() -> None:
+    requests = socket.socket(fileno=sys.stdin.fileno())
+    serve(requests)
+
+
+if __name__ == "__main__":
+    main()
