@@ -1,0 +1,121 @@
+"""The local backend ends everything a command started, wherever in the tree it went."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from .conftest import (
+    ProxyFactory,
+    ProxyProcess,
+    RunningProxy,
+    exec_events,
+    final,
+    processes_with,
+    survivors,
+    wait_for_processes,
+)
+
+
+def escaping(marker: str, then: str = "") -> list[str]:
+    """Four sleepers: two in sessions of their own (one orphaned by a subshell that exits at
+    once), one in a group of its own (bash's job control), one in the command's group."""
+    escapes = f"setsid sleep {marker} & (setsid sleep {marker} &); set -m; sleep {marker} & set +m; "
+    return ["bash", "-c", escapes + (then or f"sleep {marker}")]
+
+
+async def escaped(marker: str, count: int = 4) -> None:
+    """Wait for the sleepers and check that they really did leave group and session."""
+    await wait_for_processes(marker, count)
+    found = [p for p in processes_with(marker) if p.name() == "sleep"]
+    sessions = {os.getsid(p.pid) for p in found}
+    groups = {os.getpgid(p.pid) for p in found}
+    assert (len(found), len(sessions), len(groups)) == (4, 3, 4), (found, sessions, groups)
+
+
+async def test_client_gone_ends_processes_that_left_the_group(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """A client hanging up ends the command's children in other groups and sessions too."""
+    response = await http.post(f"{proxy.url}/exec", json={"command": escaping(marker), "timeout": 60})
+    assert json.loads(await response.content.readline())["type"] == "start"
+    await escaped(marker)
+    response.close()
+    assert await survivors(marker) == []
+
+
+async def test_shutdown_ends_processes_that_left_the_group(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str
+) -> None:
+    """Shutdown ends escaped children before the exit event is sent."""
+    proxy = await make_proxy(shutdown_grace=0.1)
+    request = asyncio.create_task(exec_events(http, proxy, {"command": escaping(marker), "timeout": 60}))
+    await escaped(marker)
+    await proxy.server.stop()
+    assert final(await request)["reason"] == "shutdown"
+    assert await survivors(marker, within=0) == []
+
+
+async def test_idle_timeout_ends_processes_that_left_the_group(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, marker: str, tmp_path: Path
+) -> None:
+    """A timer ending the command (here the idle timeout) ends escaped children too."""
+    proxy = await make_proxy(idle_timeout=0.5, kill_grace=0.5)
+    gate = tmp_path / "gate"
+    # The command keeps talking until the test has seen the escapes, so the timer cannot fire first.
+    talk = f"while [ ! -e {gate} ]; do echo .; sleep 0.05; done; sleep {marker}"
+    command = escaping(marker, f"sleep {marker} & {talk}")
+    request = asyncio.create_task(exec_events(http, proxy, {"command": command, "timeout": 60}))
+    await escaped(marker, count=5)
+    gate.touch()
+    assert final(await request)["reason"] == "idle_timeout"
+    assert await survivors(marker, within=0) == []
+
+
+async def test_detached_process_outlives_its_command_and_the_rest_does_not(
+    http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
+) -> None:
+    """After a normal exit, a process detached on purpose (own session, output to a file) stays;
+    one in its own session still writing to the exec's pipes, and the group's leftovers, end."""
+    detached, on_pipes, in_group = f"{marker}1", f"{marker}2", f"{marker}3"
+    script = (
+        f"setsid sleep {detached} >/dev/null 2>&1 </dev/null & "
+        f"setsid sleep {on_pipes} & sleep {in_group} & echo started"
+    )
+    exit_event = final(await exec_events(http, proxy, {"command": ["sh", "-c", script]}))
+    assert exit_event["reason"] == "exited"
+    assert exit_event["exit_code"] == 0
+    try:
+        assert await survivors(in_group) == []
+        assert await survivors(on_pipes) == []
+        kept = processes_with(detached)
+        assert len(kept) == 1
+        assert os.getsid(kept[0].pid) == kept[0].pid
+    finally:
+        for process in processes_with(detached):
+            process.kill()
+
+
+async def test_sigkilled_proxy_leaves_nothing_running(
+    spawn_proxy: Callable[..., ProxyProcess], http: aiohttp.ClientSession, marker: str
+) -> None:
+    """A proxy killed with SIGKILL takes a silent command and all it started with it."""
+    proxy = spawn_proxy()
+    response = await http.post(f"{proxy.url}/exec", json={"command": escaping(marker), "timeout": 600})
+    assert json.loads(await response.content.readline())["type"] == "start"
+    await escaped(marker)
+    helpers = psutil.Process(proxy.process.pid).children()
+    assert helpers, "the spawner should be running"
+    proxy.process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(proxy.process.wait, 30)
+    response.close()
+    assert await survivors(marker) == []
+    _, alive = await asyncio.to_thread(psutil.wait_procs, helpers, 10)
+    assert alive == [], "the spawner outlived the proxy"
