@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,30 +21,37 @@ from .conftest import (
     final,
     processes_with,
     survivors,
-    wait_for_processes,
 )
 
 
 def escaping(marker: str, then: str = "") -> list[str]:
-    """Four sleepers: two in sessions of their own (one orphaned by a subshell that exits at
-    once), one in a group of its own (bash's job control), one in the command's group."""
-    escapes = f"setsid sleep {marker} & (setsid sleep {marker} &); set -m; sleep {marker} & set +m; "
+    """Five sleepers: three in sessions of their own (one orphaned by a subshell that exits at
+    once, one detached on purpose, its output to /dev/null), one in a group of its own (bash's
+    job control), one in the command's group."""
+    escapes = (
+        f"setsid sleep {marker} & (setsid sleep {marker} &); "
+        f"setsid sleep {marker} >/dev/null 2>&1 </dev/null & "
+        f"set -m; sleep {marker} & set +m; "
+    )
     return ["bash", "-c", escapes + (then or f"sleep {marker}")]
 
 
-async def escaped(marker: str, count: int = 4) -> None:
-    """Wait for the sleepers and check that they really did leave group and session."""
-    await wait_for_processes(marker, count)
-    found = [p for p in processes_with(marker) if p.name() == "sleep"]
+async def escaped(marker: str) -> None:
+    """Wait for the five sleepers and check that they really did leave group and session."""
+    deadline = time.monotonic() + 10
+    while len(found := [p for p in processes_with(marker) if p.name() == "sleep"]) < 5:
+        assert time.monotonic() < deadline, f"sleepers never started: {found}"
+        await asyncio.sleep(0.02)
     sessions = {os.getsid(p.pid) for p in found}
     groups = {os.getpgid(p.pid) for p in found}
-    assert (len(found), len(sessions), len(groups)) == (4, 3, 4), (found, sessions, groups)
+    assert (len(found), len(sessions), len(groups)) == (5, 4, 5), (found, sessions, groups)
 
 
 async def test_client_gone_ends_processes_that_left_the_group(
     http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
 ) -> None:
-    """A client hanging up ends the command's children in other groups and sessions too."""
+    """A client hanging up ends the command's children in other groups and sessions too, even
+    one detached on purpose: an early end takes everything the command started."""
     response = await http.post(f"{proxy.url}/exec", json={"command": escaping(marker), "timeout": 60})
     assert json.loads(await response.content.readline())["type"] == "start"
     await escaped(marker)
@@ -73,7 +81,7 @@ async def test_idle_timeout_ends_processes_that_left_the_group(
     talk = f"while [ ! -e {gate} ]; do echo .; sleep 0.05; done; sleep {marker}"
     command = escaping(marker, f"sleep {marker} & {talk}")
     request = asyncio.create_task(exec_events(http, proxy, {"command": command, "timeout": 60}))
-    await escaped(marker, count=5)
+    await escaped(marker)
     gate.touch()
     assert final(await request)["reason"] == "idle_timeout"
     assert await survivors(marker, within=0) == []
