@@ -16,7 +16,7 @@ import pytest
 from session_proxy.backends.base import ExitStatus
 from session_proxy.backends.local import LocalExecution
 from session_proxy.backends.local_output import CommandOutput
-from session_proxy.backends.process_tree import TreeEnder, live_descendants
+from session_proxy.backends.process_tree import TreeEnder, _live_descendants_from_table, live_descendants
 from session_proxy.metrics import Metrics
 
 from .conftest import processes_with
@@ -48,6 +48,22 @@ def test_tree_ender_reports_a_process_that_survives_kill(marker: str) -> None:
         assert [entry.pid for entry in live_descendants(root.pid)] == [immortal]
         assert mortal not in [p.pid for p in processes_with(marker)]
         assert root.poll() is None  # the root itself is not part of what is ended
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait()
+
+
+@pytest.mark.timeout(30)
+def test_both_tree_walks_find_the_same_descendants(marker: str) -> None:
+    """The walk through /proc/<pid>/task/*/children and the full /proc scan (for kernels
+    without that file) agree on a tree three levels deep."""
+    script = f"sleep {marker} & sh -c 'sleep {marker} & sleep {marker}' & wait"
+    root = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        wait_for_sleepers(marker, 3)
+        walked = sorted(entry.pid for entry in live_descendants(root.pid))
+        assert len(walked) == 4  # three sleepers and the inner shell
+        assert walked == sorted(entry.pid for entry in _live_descendants_from_table(root.pid))
     finally:
         os.killpg(root.pid, signal.SIGKILL)
         root.wait()

@@ -229,6 +229,9 @@ class LocalBackend:
             finally:
                 pipes.close_leader_ends()
             channel = await LeaderChannel.connect(pipes.control)
+        except OSError as error:
+            pipes.close_ours()
+            raise BackendFailure(f"the local process spawner failed: {error.strerror}") from error
         except BaseException:
             pipes.close_ours()
             raise

@@ -28,10 +28,11 @@ class Spawner:
     async def start(cls) -> Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # -P: never import from the working directory; cwd "/" is no workspace either.
+            # -P: never import from the working directory; cwd "/" is no workspace either. Its
+            # own session keeps a terminal's Ctrl-C (meant for the proxy) away from it.
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-P", "-m", SPAWNER_MODULE,
-                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, cwd="/",
+                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, cwd="/", start_new_session=True,
             )  # fmt: skip
         finally:
             theirs.close()

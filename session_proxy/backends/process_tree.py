@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -52,10 +52,43 @@ def process_table() -> list[ProcessEntry]:
     return [entry for entry in entries if entry is not None]
 
 
-def live_descendants(root: int, table: Iterable[ProcessEntry] | None = None) -> list[ProcessEntry]:
+def children_of(pid: int) -> list[int] | None:
+    """Children of every thread of ``pid`` (/proc/<pid>/task/<tid>/children); None if the
+    kernel does not offer that file."""
+    found: list[int] = []
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            found.extend(int(child) for child in (task / "children").read_text().split())
+        except FileNotFoundError:
+            if task.exists():
+                return None  # the thread is there, the file is not: no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return found
+
+
+def live_descendants(root: int) -> list[ProcessEntry]:
     """Every live process below ``root`` (not ``root`` itself), parents before children."""
+    found: list[ProcessEntry] = []
+    frontier = [root]
+    while frontier:
+        below = children_of(frontier.pop())
+        if below is None:
+            return _live_descendants_from_table(root)
+        entries = [entry for entry in map(read_process, below) if entry is not None]
+        found.extend(entries)
+        frontier.extend(entry.pid for entry in entries)
+    return [entry for entry in found if entry.alive]
+
+
+def _live_descendants_from_table(root: int) -> list[ProcessEntry]:
+    """The same from a scan of all of /proc, for kernels without the ``children`` file."""
     children: dict[int, list[ProcessEntry]] = {}
-    for entry in process_table() if table is None else table:
+    for entry in process_table():
         children.setdefault(entry.ppid, []).append(entry)
     found: list[ProcessEntry] = []
     frontier = [root]

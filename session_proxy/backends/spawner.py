@@ -40,7 +40,10 @@ from .process_tree import ProcessEntry, TreeEnder, holds_any
 PR_SET_CHILD_SUBREAPER: Final = 36
 REQUEST_FDS: Final = 4  # stdin, stdout, stderr, control
 READY: Final = b"ready"
-SIGNALS_RESET_FOR_COMMANDS: Final = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores these
+# Terminal and stop signals must not end the spawner or a leader before the proxy has ended
+# the commands (EOF on their sockets is what ends them); commands get the defaults back.
+SIGNALS_IGNORED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SIGNALS_RESET_FOR_COMMANDS: Final = (*SIGNALS_IGNORED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def become_subreaper() -> None:
@@ -236,6 +239,8 @@ def fork_leader(fds: list[int]) -> None:
 
 
 def main() -> None:
+    for signum in SIGNALS_IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
     requests = socket.socket(fileno=sys.stdin.fileno())
     serve(requests)
 
