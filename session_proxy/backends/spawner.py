@@ -46,8 +46,7 @@ SIGNALS_IGNORED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.S
 SIGNALS_RESET_FOR_COMMANDS: Final = (*SIGNALS_IGNORED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+def become_subreaper(libc: ctypes.CDLL) -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(error)}")
@@ -81,39 +80,35 @@ class ChildSignals:
 
 
 def close_all_but(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    low = 0
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-def exec_command(spec: dict[str, Any], stdio: tuple[int, int, int], report: int) -> None:
-    """In the forked child: new session, workdir, stdio, exec. Errors go to ``report``."""
-    stage = "chdir"
-    try:
-        os.setsid()
-        os.chdir(spec["cwd"])
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        os.closerange(3, report)
-        os.closerange(report + 1, os.sysconf("SC_OPEN_MAX"))
-        for signum in SIGNALS_RESET_FOR_COMMANDS:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        stage = "exec"
-        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])  # noqa: S606 (an argv, never a shell)
-    except OSError as error:
-        failure = {"failed": stage, "errno": error.errno, "strerror": error.strerror}
-        os.write(report, json.dumps(failure).encode())
-    finally:
-        os._exit(127)
+def spawn_command(spec: dict[str, Any], stdio: tuple[int, int, int]) -> int:
+    """Start the command in a session of its own with ``posix_spawnp`` (a vfork: far cheaper
+    than forking Python); OSError if that fails. The leader, which serves this one command,
+    has moved to the workdir already and takes the command's PATH, where ``posix_spawnp`` looks."""
+    os.environ["PATH"] = spec["env"].get("PATH", os.defpath)
+    return os.posix_spawnp(
+        spec["argv"][0],
+        spec["argv"],
+        spec["env"],
+        file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)],
+        setsid=True,
+        setsigdef=SIGNALS_RESET_FOR_COMMANDS,
+        setsigmask=[],
+    )
 
 
 class Leader:
     """Runs one command and answers for everything it starts (see the module docstring)."""
 
-    def __init__(self, stdio: tuple[int, int, int], control: int) -> None:
+    def __init__(self, stdio: tuple[int, int, int], control: int, libc: ctypes.CDLL) -> None:
+        for fd in (*stdio, control):
+            os.set_inheritable(fd, False)  # descriptors passed over a socket arrive inheritable
         self.stdio = stdio
         self.control = socket.socket(fileno=control)
         self.control.setblocking(True)
@@ -121,9 +116,10 @@ class Leader:
         self.output_pipes = frozenset(os.fstat(fd).st_ino for fd in stdio[1:])
         self.wakeup = ChildSignals()
         self.received = b""
+        self.libc = libc
 
     def run(self) -> None:
-        become_subreaper()
+        become_subreaper(self.libc)
         line = self.read_line()
         if line is None:
             return
@@ -138,21 +134,18 @@ class Leader:
         self.end_tree(0, spare_detached=False)  # the proxy is gone: nothing may outlive it
 
     def spawn(self, spec: dict[str, Any]) -> bool:
-        report_read, report_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            exec_command(spec, self.stdio, report_write)
-        os.close(report_write)
-        for fd in self.stdio:
-            os.close(fd)  # only the command holds its pipes, so their EOF means what it says
-        with os.fdopen(report_read, "rb") as report:
-            failure = report.read()
-        if failure:
-            os.waitpid(pid, 0)
-            self.send(json.loads(failure))
+        stage = "chdir"
+        try:
+            os.chdir(spec["cwd"])
+            stage = "exec"
+            self.command_pid = spawn_command(spec, self.stdio)
+        except OSError as error:
+            self.send({"failed": stage, "errno": error.errno, "strerror": error.strerror})
             return False
-        self.command_pid = pid
-        self.send({"started": pid})
+        finally:
+            for fd in self.stdio:
+                os.close(fd)  # only the command holds its pipes, so their EOF means what it says
+        self.send({"started": self.command_pid})
         return True
 
     def read_line(self) -> bytes | None:
@@ -196,15 +189,16 @@ class Leader:
             self.control.sendall(json.dumps(message).encode() + b"\n")
 
 
-def start_leader(fds: list[int]) -> None:
+def start_leader(fds: list[int], libc: ctypes.CDLL) -> None:
     """In a fresh fork of the spawner: drop the spawner's descriptors and signals, lead."""
     signal.set_wakeup_fd(-1)
     close_all_but({1, 2, *fds})
-    Leader((fds[0], fds[1], fds[2]), fds[3]).run()
+    Leader((fds[0], fds[1], fds[2]), fds[3], libc).run()
 
 
 def serve(requests: socket.socket) -> None:
-    become_subreaper()
+    libc = ctypes.CDLL(None, use_errno=True)
+    become_subreaper(libc)
     wakeup = ChildSignals()
     requests.sendall(READY)
     while True:
@@ -221,16 +215,16 @@ def serve(requests: socket.socket) -> None:
         if not message:
             return
         if len(fds) == REQUEST_FDS:
-            fork_leader(fds)
+            fork_leader(fds, libc)
         for fd in fds:
             os.close(fd)
 
 
-def fork_leader(fds: list[int]) -> None:
+def fork_leader(fds: list[int], libc: ctypes.CDLL) -> None:
     if os.fork() == 0:
         code = 0
         try:
-            start_leader(fds)
+            start_leader(fds, libc)
         except BaseException:
             traceback.print_exc()
             code = 70
