@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import aiohttp
 import psutil
 
 from .conftest import (
+    LISTENING,
     ProxyFactory,
     ProxyProcess,
     RunningProxy,
@@ -127,3 +130,36 @@ async def test_sigkilled_proxy_leaves_nothing_running(
     assert await survivors(marker) == []
     _, alive = await asyncio.to_thread(psutil.wait_procs, helpers, 10)
     assert alive == [], "the spawner outlived the proxy"
+
+
+async def test_ctrl_c_to_the_proxys_group_drains_and_leaves_nothing(
+    http: aiohttp.ClientSession, tmp_path: Path, marker: str
+) -> None:
+    """SIGINT to the proxy's whole process group (a terminal's Ctrl-C) reaches the proxy only:
+    the spawner and the leaders live on until the proxy has ended the command (shutdown)."""
+    log_path = tmp_path / "proxy.log"
+    command = [
+        sys.executable, "-m", "session_proxy", "serve", "--listen", "127.0.0.1:0", "--ops-listen", "",
+        "--backend", "local", "--local-root", str(tmp_path), "--shutdown-grace", "0.2", "--kill-grace", "1",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (match := LISTENING.search(log_path.read_bytes())):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the proxy did not start"
+            await asyncio.sleep(0.02)
+        url = match.group(1).decode()
+        response = await http.post(f"{url}/exec", json={"command": escaping(marker), "timeout": 60})
+        assert json.loads(await response.content.readline())["type"] == "start"
+        await escaped(marker)
+        os.killpg(process.pid, signal.SIGINT)
+        events = [json.loads(line) async for line in response.content]
+        assert final(events)["reason"] == "shutdown"
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        assert await survivors(marker, within=0) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
