@@ -24,7 +24,7 @@ from .conftest import processes_with
 
 def wait_for_sleepers(marker: str, count: int) -> list[int]:
     deadline = time.monotonic() + 10
-    while len(found := [p for p in processes_with(marker) if p.name() == "sleep"]) < count:
+    while len(found := [p for p in processes_with(marker) if p.info["cmdline"][0] == "sleep"]) < count:
         assert time.monotonic() < deadline, "sleepers never started"
         time.sleep(0.02)
     return sorted(p.pid for p in found)

@@ -42,7 +42,7 @@ def escaping(marker: str, then: str = "") -> list[str]:
 async def escaped(marker: str) -> None:
     """Wait for the five sleepers and check that they really did leave group and session."""
     deadline = time.monotonic() + 10
-    while len(found := [p for p in processes_with(marker) if p.name() == "sleep"]) < 5:
+    while len(found := [p for p in processes_with(marker) if p.info["cmdline"][0] == "sleep"]) < 5:
         assert time.monotonic() < deadline, f"sleepers never started: {found}"
         await asyncio.sleep(0.02)
     sessions = {os.getsid(p.pid) for p in found}

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,13 +24,14 @@ from ..metrics import Metrics
 from ..models import Guarantees
 from .base import BackendInfo, ExecSpec, ExitDrain, ExitStatus, OutputChunk, WaitingCallback, next_output
 from .local_output import CommandOutput
-from .local_spawner import LeaderChannel, Spawner
+from .local_spawner import CommandPipes, LeaderChannel, Spawner
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True)
 # The leader answers a terminate within grace + its own KILL confirmation (2 s); past this
 # margin it is presumed stuck (stopped, say) and the proxy ends the group itself.
 LEADER_REPLY_MARGIN: Final = 10.0
+START_REPLY_TIMEOUT: Final = 30.0  # the spawner forks a leader, the leader a command: normally ms
 LEADER_GONE: Final = "the command's leader process ended unexpectedly; its exit status is unknown"
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,11 @@ class LocalExecution:
         try:
             async with asyncio.timeout(grace + LEADER_REPLY_MARGIN):
                 survivors = await asyncio.shield(self._survivors)
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
+            survivors = self._kill_group()  # the leader is stuck (stopped, say)
+        except asyncio.CancelledError:
             if not self._survivors.cancelled():
-                raise
+                raise  # this task is being cancelled, not the leader gone
             survivors = self._kill_group()
         self._report(survivors)
         if was_running and self._output.exited:
@@ -164,45 +166,6 @@ def spawn_failure(report: dict[str, Any], spec: ExecSpec, cwd: str) -> ExitStatu
     return ExitStatus(exit_code=exit_code, reason="error", message=f"cannot run {spec.argv[0]!r}: {reason}")
 
 
-class CommandPipes:
-    """The descriptors of one command: the proxy's ends and the ends handed to its leader."""
-
-    def __init__(self, with_stdin: bool) -> None:
-        self.stdout, stdout_child = os.pipe()
-        self.stderr, stderr_child = os.pipe()
-        if with_stdin:
-            stdin_child, self.stdin = os.pipe()
-        else:
-            stdin_child, self.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
-        self.control, control_child = socket.socketpair()
-        self.for_leader = [stdin_child, stdout_child, stderr_child, control_child.detach()]
-
-    def close_leader_ends(self) -> None:
-        for fd in self.for_leader:
-            os.close(fd)
-        self.for_leader = []
-
-    def take_stdout(self) -> int:
-        fd, self.stdout = self.stdout, -1
-        return fd
-
-    def take_stderr(self) -> int:
-        fd, self.stderr = self.stderr, -1
-        return fd
-
-    def take_stdin(self) -> int:
-        fd, self.stdin = self.stdin, -1
-        return fd
-
-    def close_ours(self, *, control: bool = True) -> None:
-        """Close the proxy's ends not yet handed on (the control socket only if asked)."""
-        for fd in (self.take_stdout(), self.take_stderr(), self.take_stdin()):
-            if fd >= 0:
-                os.close(fd)
-        if control:
-            self.control.close()
-
-
 class LocalBackend:
     """Runs commands on this machine, in ``root`` unless a request names a workdir."""
 
@@ -237,7 +200,11 @@ class LocalBackend:
             raise
         channel.send({"argv": spec.argv, "cwd": cwd, "env": self.environment(spec.env)})
         try:
-            report = await channel.receive()
+            try:
+                async with asyncio.timeout(START_REPLY_TIMEOUT):
+                    report = await channel.receive()
+            except TimeoutError:
+                raise BackendFailure("the local process spawner did not answer") from None
             if report is None or "started" not in report:
                 pipes.close_ours(control=False)
                 if report is None:

@@ -1,10 +1,11 @@
-"""The proxy's side of the local spawner (see ``spawner``): the helper process and its leaders."""
+"""The proxy's side of the local spawner (see ``spawner``): the helper, a leader, their descriptors."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -108,3 +109,42 @@ class LeaderChannel:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
+
+
+class CommandPipes:
+    """The descriptors of one command: the proxy's ends and the ends handed to its leader."""
+
+    def __init__(self, with_stdin: bool) -> None:
+        self.stdout, stdout_child = os.pipe()
+        self.stderr, stderr_child = os.pipe()
+        if with_stdin:
+            stdin_child, self.stdin = os.pipe()
+        else:
+            stdin_child, self.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
+        self.control, control_child = socket.socketpair()
+        self.for_leader = [stdin_child, stdout_child, stderr_child, control_child.detach()]
+
+    def close_leader_ends(self) -> None:
+        for fd in self.for_leader:
+            os.close(fd)
+        self.for_leader = []
+
+    def take_stdout(self) -> int:
+        fd, self.stdout = self.stdout, -1
+        return fd
+
+    def take_stderr(self) -> int:
+        fd, self.stderr = self.stderr, -1
+        return fd
+
+    def take_stdin(self) -> int:
+        fd, self.stdin = self.stdin, -1
+        return fd
+
+    def close_ours(self, *, control: bool = True) -> None:
+        """Close the proxy's ends not yet handed on (the control socket only if asked)."""
+        for fd in (self.take_stdout(), self.take_stderr(), self.take_stdin()):
+            if fd >= 0:
+                os.close(fd)
+        if control:
+            self.control.close()
