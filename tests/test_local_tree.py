@@ -170,8 +170,10 @@ async def test_a_command_that_kills_its_leader_is_still_ended(
 ) -> None:
     """A command that kills its leader gets an ``error`` exit saying so, and its group is
     still killed by the proxy itself (after the exit event, as leftovers of any ended command)."""
-    command = ["sh", "-c", f"sleep {marker} & kill -KILL $PPID; sleep {marker}"]
-    exit_event = final(await exec_events(http, proxy, {"command": command, "timeout": 60}))
+    # stdin is fed once the leader has reported the start, so the kill cannot come before it.
+    command = ["sh", "-c", f"sleep {marker} & read go; kill -KILL $PPID; sleep {marker}"]
+    body = {"command": command, "stdin": "go\n", "timeout": 60}
+    exit_event = final(await exec_events(http, proxy, body))
     assert exit_event["reason"] == "error"
     assert "leader" in exit_event["message"]
     assert await survivors(marker) == []
