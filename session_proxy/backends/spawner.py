@@ -40,8 +40,8 @@ from .process_tree import ProcessEntry, TreeEnder, holds_any
 PR_SET_CHILD_SUBREAPER: Final = 36
 REQUEST_FDS: Final = 4  # stdin, stdout, stderr, control
 READY: Final = b"ready"
-# Terminal and stop signals must not end the spawner or a leader before the proxy has ended
-# the commands (EOF on their sockets is what ends them); commands get the defaults back.
+# Terminal signals (Ctrl-C, hang-up, quit) and TERM must not end the spawner or a leader before
+# the proxy has ended the commands (EOF on their sockets ends them); commands get the defaults.
 SIGNALS_IGNORED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SIGNALS_RESET_FOR_COMMANDS: Final = (*SIGNALS_IGNORED, signal.SIGPIPE, signal.SIGXFSZ)
 
