@@ -14,6 +14,7 @@ from .backends.base import ExecBackend
 from .guards import SECURITY_HEADERS, json_errors, local_only
 from .keys import ADMISSION, AUTH_TOKEN, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
 from .limits import Admission
+from .mcp import http as mcp_http
 from .metrics import Metrics
 from .settings import Settings
 from .supervisor import Supervisor
@@ -91,6 +92,7 @@ def create_app(
     app.router.add_get("/logs", handlers.get_logs)
     app.router.add_get("/healthz", handlers.get_healthz)
     app.router.add_get("/openapi.json", handlers.get_openapi)
+    mcp_http.mount(app, settings)
     return app
 
 

@@ -143,6 +143,14 @@ class Settings(BaseModel):
     kill_grace: float = Field(5, ge=0, description="seconds between TERM and KILL")
     shutdown_grace: float = Field(20, ge=0, description="seconds running execs may finish on SIGTERM")
 
+    # MCP (/mcp on the exec listener)
+    mcp_workdir: str | None = Field(
+        None, description="working directory of the MCP exec tool when a call names none (absolute)"
+    )
+    mcp_max_output_chars: int = Field(
+        30_000, ge=1000, description="MCP exec results longer than this are cut in the middle"
+    )
+
     # Logs
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -177,6 +185,15 @@ class Settings(BaseModel):
                 return int(value.removeprefix("0o"), 8)
             except ValueError:
                 raise ValueError("expected octal permissions such as 660") from None
+        return value
+
+    @field_validator("mcp_workdir")
+    @classmethod
+    def _mcp_workdir_is_absolute(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path, e.g. /workspace")
         return value
 
     @field_validator("listen")

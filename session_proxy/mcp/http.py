@@ -1,0 +1,151 @@
+"""``/mcp`` on the exec listener: the SDK's Streamable HTTP session manager, in this event loop.
+
+The SDK costs about a third of a second and 30 MB to import (BENCHMARKS.md), so it is loaded on
+the first ``/mcp`` request, off the event loop, and a proxy that never sees an MCP client never
+pays for it. The session manager then runs in a task of its own until the app shuts down
+(``on_shutdown``, before aiohttp waits for open requests, so open MCP streams do not hold
+shutdown up). The route sits behind the app's middlewares like ``/exec``: Host check, any
+``Origin`` refused, the bearer token when configured.
+
+The tools reach the exec API of this very listener (its bound address, TCP or unix socket, with
+the app's token), so each command is an ordinary exec: admitted, counted, logged, and ended as
+``client_gone`` when its call is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+from aiohttp import web
+
+from ..keys import AUTH_TOKEN
+from ..settings import Settings
+from .arguments import ToolOptions
+from .asgi_bridge import AsgiApp, serve_asgi
+from .target import ExecApiTarget
+
+log = logging.getLogger(__name__)
+
+
+def exec_api_url(request: web.Request) -> str:
+    """The address this request arrived on: the exec listener, as a client URL."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport else None
+    if isinstance(sockname, tuple):
+        host, port = str(sockname[0]), int(sockname[1])
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if isinstance(sockname, str) and sockname:
+        return f"unix:{sockname}"
+    raise web.HTTPInternalServerError(text="cannot tell which listener this request came in on")
+
+
+def _import_sdk() -> tuple[ModuleType, ModuleType]:
+    return (
+        importlib.import_module("session_proxy.mcp.tools"),
+        importlib.import_module("mcp.server.streamable_http_manager"),
+    )
+
+
+class McpEndpoint:
+    """Loads the SDK and starts its session manager on first use; stops both with the app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._options = ToolOptions(
+            workdir=settings.mcp_workdir,
+            max_output_chars=settings.mcp_max_output_chars,
+            default_timeout=settings.default_timeout,
+            max_timeout=settings.max_timeout,
+        )
+        self._max_body_bytes = settings.max_body_bytes
+        self._asgi: AsgiApp | None = None
+        self._target: ExecApiTarget | None = None
+        self._manager_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._starting = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._asgi is not None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        asgi = self._asgi or await self._start(request)
+        return await serve_asgi(asgi, request)
+
+    async def _start(self, request: web.Request) -> AsgiApp:
+        async with self._starting:
+            if self._asgi is not None:
+                return self._asgi
+            if self._stop.is_set():
+                raise web.HTTPServiceUnavailable(text="the proxy is shutting down")
+            tools, manager_module = await asyncio.to_thread(_import_sdk)
+            self._target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
+            server = tools.build_server(self._target, self._options, exchange_closed=_exchange_closed)
+            manager = manager_module.StreamableHTTPSessionManager(
+                app=server,
+                security_settings=None,  # the app's own guards check Host, Origin and the token
+                max_request_body_size=self._max_body_bytes,
+            )
+            started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._manager_task = asyncio.create_task(self._run(manager, started), name="mcp-session-manager")
+            await started
+            self._asgi = manager.handle_request
+            log.info("mcp endpoint ready")
+            return self._asgi
+
+    async def _run(self, manager: Any, started: asyncio.Future[None]) -> None:
+        try:
+            async with manager.run():
+                started.set_result(None)
+                await self._stop.wait()
+        except BaseException as error:
+            if not started.done():
+                started.set_exception(error)
+            raise
+
+    async def stop(self) -> None:
+        """End every MCP session (their calls are cancelled, ending their commands)."""
+        self._stop.set()
+        if self._manager_task is not None:
+            await self._manager_task
+            self._manager_task = None
+        if self._target is not None:
+            await self._target.close()
+            self._target = None
+
+
+def _exchange_closed(ctx: Any) -> asyncio.Event | None:
+    from .asgi_bridge import EXCHANGE_CLOSED
+
+    request = getattr(ctx, "request", None)
+    scope = getattr(request, "scope", None) or {}
+    event = scope.get("extensions", {}).get(EXCHANGE_CLOSED)
+    return event if isinstance(event, asyncio.Event) else None
+
+
+MCP_ENDPOINT = web.AppKey("mcp_endpoint", McpEndpoint)
+
+
+async def handle_mcp(request: web.Request) -> web.StreamResponse:
+    return await request.app[MCP_ENDPOINT].handle(request)
+
+
+async def _stop_on_shutdown(app: web.Application) -> None:
+    await app[MCP_ENDPOINT].stop()
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[MCP_ENDPOINT].stop()  # if shutdown never ran (a failed start-up)
+
+
+def mount(app: web.Application, settings: Settings) -> None:
+    """Add ``/mcp`` (POST, GET, DELETE) to the exec app."""
+    app[MCP_ENDPOINT] = McpEndpoint(settings)
+    app.on_shutdown.append(_stop_on_shutdown)
+    app.cleanup_ctx.append(_lifetime)
+    app.router.add_route("*", "/mcp", handle_mcp)
