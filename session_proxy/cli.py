@@ -1,4 +1,4 @@
-"""Command line: ``session-proxy serve`` (the sidecar) and ``session-proxy exec`` (a client).
+"""Command line: ``session-proxy serve`` (the sidecar), ``exec`` (a client), ``mcp`` (stdio MCP).
 
 ``serve`` exit codes: 0 after a clean stop; 2 when the configuration cannot work (an invalid
 setting, a backend or token file that cannot be used); 1 when it cannot listen. A start-up
@@ -119,6 +119,32 @@ def _exec(flags: argparse.Namespace) -> int:
     )
 
 
+def _mcp(flags: argparse.Namespace) -> int:
+    from . import logs
+    from .client import ProxyClientError
+    from .mcp.arguments import ToolOptions
+    from .mcp.stdio import serve_stdio
+
+    environ = dict(os.environ)
+    workdir = flags.mcp_workdir or environ.get(env_name("mcp_workdir")) or None
+    chars = flags.mcp_max_output_chars or environ.get(env_name("mcp_max_output_chars")) or "30000"
+    if workdir is not None and not workdir.startswith("/"):
+        print(f"session-proxy mcp: --mcp-workdir must be absolute, got {workdir!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if not chars.isdigit() or int(chars) < 1000:
+        print(f"session-proxy mcp: --mcp-max-output-chars must be >= 1000, got {chars!r}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure("text", "warning")  # stderr: stdout carries the protocol
+    try:
+        asyncio.run(serve_stdio(flags.url, ToolOptions(workdir=workdir, max_output_chars=int(chars))))
+    except ProxyClientError as error:
+        print(f"session-proxy mcp: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="session-proxy", description="Exec sidecar for AI agents on Kubernetes."
@@ -142,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     execute.add_argument("command", nargs=argparse.REMAINDER)
     execute.set_defaults(run=_exec)
+
+    mcp = commands.add_parser("mcp", help="serve the MCP tools over stdio, forwarding to a proxy")
+    mcp.add_argument("--url", help="proxy URL or unix:/path (env SESSION_PROXY_URL)")
+    mcp.add_argument(
+        "--mcp-workdir", help="default working directory of exec (env SESSION_PROXY_MCP_WORKDIR)"
+    )
+    mcp.add_argument(
+        "--mcp-max-output-chars",
+        help="cut exec results longer than this in the middle (env SESSION_PROXY_MCP_MAX_OUTPUT_CHARS)",
+    )
+    mcp.set_defaults(run=_mcp)
     return parser
 
 

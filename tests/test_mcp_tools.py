@@ -1,0 +1,191 @@
+"""The MCP tools through the SDK's own client, over Streamable HTTP and stdio, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ProxyFactory, RunningProxy, kube_proxy, survivors, wait_for_processes
+from .mcp_client import TRANSPORTS, ProgressLog, connect, text_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def api_mode() -> str:
+    """One Kubernetes API flavour is enough here; the exec tests cover both."""
+    return "modern"
+
+
+@dataclass
+class Workspace:
+    proxy: RunningProxy
+    root: Path  # where a command starts (relative paths resolve here)
+
+
+@pytest.fixture(params=["local", "kube"])
+def backend_kind(request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """The backend, with the Kubernetes API test server when it is ``kube``."""
+    kube = request.getfixturevalue("kube") if request.param == "kube" else None
+    return str(request.param), kube
+
+
+@pytest.fixture
+async def workspace(backend_kind: tuple[str, Any], make_proxy: ProxyFactory, tmp_path: Path) -> Workspace:
+    """A proxy on the local backend, or on the kubernetes backend with one workspace pod."""
+    kind, kube = backend_kind
+    if kind == "local":
+        return Workspace(await make_proxy(), tmp_path)
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    return Workspace(await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3), pod.root)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_tools_are_listed_with_schemas(workspace: Workspace, transport: str, tmp_path: Path) -> None:
+    """exec, status and logs are listed with input and output schemas and honest annotations."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+    assert set(tools) == {"exec", "status", "logs"}
+    exec_tool = tools["exec"]
+    assert {"command", "argv", "workdir", "timeout", "env", "stdin"} <= set(
+        exec_tool.input_schema["properties"]
+    )
+    assert set(exec_tool.output_schema["required"]) >= {"exit_code", "reason", "stdout_bytes", "truncated"}
+    assert "setsid" in exec_tool.description
+    assert exec_tool.annotations.destructive_hint is True
+    assert exec_tool.annotations.open_world_hint is True
+    assert tools["status"].annotations.read_only_hint is True
+    assert "ready" in tools["status"].output_schema["properties"]
+    assert tools["logs"].input_schema["properties"]["tail"]["maximum"] == 10_000
+
+
+async def test_output_exit_code_and_structured_fields(
+    workspace: Workspace, transport: str, tmp_path: Path
+) -> None:
+    """stdout and stderr interleaved, then the exit code line; a non-zero exit is a result, not an error."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        result = await session.call_tool(
+            "exec",
+            {"command": 'echo out; echo err >&2; printf "%s" "$GREETING"; cat; exit 3',
+             "env": {"GREETING": "hello"}, "stdin": "from stdin"},
+        )  # fmt: skip
+    assert result.is_error is False
+    text = text_of(result)
+    # Two pipes: where stderr's line lands among stdout's is up to the scheduler, not the proxy.
+    assert "err\n" in text
+    assert text.replace("err\n", "", 1) == "out\nhellofrom stdin\nexit code: 3"
+    structured = result.structured_content
+    assert structured["exit_code"] == 3
+    assert structured["reason"] == "exited"
+    assert structured["stdout_bytes"] == len(b"out\nhellofrom stdin")
+    assert structured["stderr_bytes"] == len(b"err\n")
+    assert structured["truncated"] is False
+    assert structured["signal"] is None
+    assert structured["duration_ms"] >= 0
+
+
+async def test_argv_and_invalid_arguments(workspace: Workspace, transport: str, tmp_path: Path) -> None:
+    """argv runs without a shell; command and argv together is a tool error saying so."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        plain = await session.call_tool("exec", {"argv": ["printf", "%s|", "a b", "$HOME"]})
+        both = await session.call_tool("exec", {"argv": ["true"], "command": "true"})
+        relative = await session.call_tool("exec", {"command": "pwd", "workdir": "relative"})
+    assert text_of(plain) == "a b|$HOME|\nexit code: 0"
+    assert both.is_error is True
+    assert "exactly one of `command`" in text_of(both)
+    assert relative.is_error is True
+    assert "absolute" in text_of(relative)
+
+
+async def test_non_utf8_output_is_replaced_and_counted(
+    workspace: Workspace, transport: str, tmp_path: Path
+) -> None:
+    """Bytes that are not UTF-8 show as U+FFFD; the byte counts stay exact."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        result = await session.call_tool("exec", {"command": r"printf 'a\377b\303\251\n'"})
+    assert text_of(result) == "a\ufffdbé\nexit code: 0"
+    assert result.structured_content["stdout_bytes"] == 6
+
+
+async def test_timeout_is_an_error_and_leaves_no_process(
+    workspace: Workspace, transport: str, tmp_path: Path, marker: str
+) -> None:
+    """Past its timeout the command and its children end; the result is an error with reason timeout."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        result = await session.call_tool(
+            "exec", {"command": f"echo started; sleep {marker} & sleep {marker}", "timeout": 1}
+        )
+    assert result.is_error is True
+    assert result.structured_content["reason"] == "timeout"
+    text = text_of(result)
+    assert text.startswith("started\n")
+    assert "ran out of time (1 s)" in text
+    assert text.splitlines()[-1].startswith("exit code: ")
+    assert await survivors(marker, within=5) == []
+
+
+async def test_progress_carries_output_while_the_command_runs(
+    workspace: Workspace, transport: str, tmp_path: Path
+) -> None:
+    """A progress message brings the first line while the command still waits for the test's gate."""
+    gate = workspace.root / "gate"
+    progress = ProgressLog()
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        call = asyncio.create_task(
+            session.call_tool(
+                "exec",
+                {"command": "echo first-line; while [ ! -e gate ]; do sleep 0.02; done; echo done"},
+                progress_callback=progress,
+            )
+        )
+        message = await progress.wait_for("first-line")
+        assert not call.done()
+        gate.touch()
+        result = await call
+    assert "first-line" in message
+    assert text_of(result) == "first-line\ndone\nexit code: 0"
+
+
+async def test_cancelling_the_call_ends_the_command(
+    workspace: Workspace, transport: str, tmp_path: Path, marker: str
+) -> None:
+    """A cancelled call (notifications/cancelled) ends the command and every process it started."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        call = asyncio.create_task(
+            session.call_tool("exec", {"command": f"sleep {marker} & sleep {marker}", "timeout": 600})
+        )
+        await wait_for_processes(marker, 2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await survivors(marker, within=10) == []
+        # The session is still usable afterwards.
+        after = await session.call_tool("exec", {"command": "echo still here"})
+    assert text_of(after) == "still here\nexit code: 0"
+
+
+async def test_long_output_is_cut_in_the_middle(workspace: Workspace, transport: str, tmp_path: Path) -> None:
+    """1 MB of output: the head and the tail are kept, the cut is announced, the byte counts are exact."""
+    script = "awk 'BEGIN { for (i = 0; i < 10000; i++) printf \"line %05d %088d\\n\", i, 0 }'"
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        result = await session.call_tool("exec", {"command": script + "; echo err >&2"})
+    structured = result.structured_content
+    assert result.is_error is False
+    assert structured["stdout_bytes"] == 10_000 * 100
+    assert structured["stderr_bytes"] == 4
+    assert structured["truncated"] is True
+    text = text_of(result)
+    assert text.startswith("line 00000 ")
+    assert text.endswith("err\nexit code: 0")
+    assert "line 09999 " in text
+    assert "line 05000 " not in text
+    assert "characters left out in the middle" in text
+    assert len(text) < 30_000 + 500
