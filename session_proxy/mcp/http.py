@@ -19,7 +19,7 @@ import importlib
 import logging
 from collections.abc import AsyncIterator
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -27,9 +27,12 @@ from ..keys import AUTH_TOKEN
 from ..settings import Settings
 from .arguments import ToolOptions
 from .asgi_bridge import AsgiApp, serve_asgi
+from .exec_tool import CallsInFlight
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
+# On shutdown the drain has already ended every exec; calls get this long to deliver their results.
+RESULT_GRACE: Final = 5.0
 
 
 def exec_api_url(request: web.Request) -> str:
@@ -67,6 +70,7 @@ class McpEndpoint:
         self._manager_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._starting = asyncio.Lock()
+        self._in_flight = CallsInFlight()
 
     @property
     def loaded(self) -> bool:
@@ -84,7 +88,9 @@ class McpEndpoint:
                 raise web.HTTPServiceUnavailable(text="the proxy is shutting down")
             tools, manager_module = await asyncio.to_thread(_import_sdk)
             self._target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
-            server = tools.build_server(self._target, self._options, exchange_closed=_exchange_closed)
+            server = tools.build_server(
+                self._target, self._options, exchange_closed=_exchange_closed, in_flight=self._in_flight
+            )
             manager = manager_module.StreamableHTTPSessionManager(
                 app=server,
                 security_settings=None,  # the app's own guards check Host, Origin and the token
@@ -109,6 +115,8 @@ class McpEndpoint:
 
     async def stop(self) -> None:
         """End every MCP session (their calls are cancelled, ending their commands)."""
+        if self._manager_task is not None:
+            await self._in_flight.wait_idle(RESULT_GRACE)
         self._stop.set()
         if self._manager_task is not None:
             await self._manager_task

@@ -21,7 +21,7 @@ from .. import __version__
 from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
 from .arguments import ExecArguments, LogsArguments, ToolOptions
-from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
+from .exec_tool import CallsInFlight, ProgressReporter, ToolOutcome, refusal_message, run_exec
 from .target import ToolTarget
 
 # How a transport tells a call that nobody will read its result (the HTTP request is gone).
@@ -141,11 +141,16 @@ class ToolCalls:
     """The handlers: validate arguments, call the target, turn what happened into a result."""
 
     def __init__(
-        self, target: ToolTarget, options: ToolOptions, exchange_closed: ExchangeClosed | None
+        self,
+        target: ToolTarget,
+        options: ToolOptions,
+        exchange_closed: ExchangeClosed | None,
+        in_flight: CallsInFlight,
     ) -> None:
         self._target = target
         self._options = options
         self._exchange_closed = exchange_closed
+        self._in_flight = in_flight
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -156,24 +161,28 @@ class ToolCalls:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         arguments = params.arguments or {}
+        with self._in_flight.track():
+            return _result(await self._call(ctx, params.name, arguments))
+
+    async def _call(
+        self, ctx: ServerRequestContext[Any, Any], name: str, arguments: dict[str, Any]
+    ) -> ToolOutcome:
         try:
-            if params.name == "exec":
+            if name == "exec":
                 outcome = await self._exec(ctx, ExecArguments.model_validate(arguments))
-            elif params.name == "status":
+            elif name == "status":
                 outcome = (
                     await self._status()
                     if not arguments
                     else ToolOutcome("status takes no arguments", is_error=True)
                 )
-            elif params.name == "logs":
+            elif name == "logs":
                 outcome = await self._logs(LogsArguments.model_validate(arguments))
             else:
-                outcome = ToolOutcome(
-                    f"unknown tool {params.name!r}; there are exec, status, logs", is_error=True
-                )
+                outcome = ToolOutcome(f"unknown tool {name!r}; there are exec, status, logs", is_error=True)
         except ValidationError as error:
             outcome = _invalid(error)
-        return _result(outcome)
+        return outcome
 
     async def _exec(self, ctx: ServerRequestContext[Any, Any], arguments: ExecArguments) -> ToolOutcome:
         report: ProgressReporter | None = None
@@ -227,9 +236,13 @@ async def _unless_closed(call: Any, closed: asyncio.Event) -> ToolOutcome:
 
 
 def build_server(
-    target: ToolTarget, options: ToolOptions, *, exchange_closed: ExchangeClosed | None = None
+    target: ToolTarget,
+    options: ToolOptions,
+    *,
+    exchange_closed: ExchangeClosed | None = None,
+    in_flight: CallsInFlight | None = None,
 ) -> Server[Any]:
-    calls = ToolCalls(target, options, exchange_closed)
+    calls = ToolCalls(target, options, exchange_closed, in_flight or CallsInFlight())
     return Server(
         "session-proxy",
         version=__version__,
