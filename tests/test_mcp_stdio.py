@@ -19,16 +19,19 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_token_from_the_environment(make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    """The bridge sends the token named by SESSION_PROXY_AUTH_TOKEN_FILE; without it the call is refused."""
+    """The bridge sends the token from SESSION_PROXY_AUTH_TOKEN_FILE (exec and status); without it, 401."""
     token_file = tmp_path / "token"
     token_file.write_text("bridge-token-0123456789\n")
     proxy = await make_proxy(auth_token_file=str(token_file))
     env = {"SESSION_PROXY_AUTH_TOKEN_FILE": str(token_file)}
     async with stdio_session(proxy.url, tmp_path, env=env) as session:
         allowed = await session.call_tool("exec", {"command": "echo allowed"})
+        status = await session.call_tool("status", {})
     async with stdio_session(proxy.url, tmp_path) as session:
         refused = await session.call_tool("exec", {"command": "echo refused"})
     assert text_of(allowed) == "allowed\nexit code: 0"
+    assert status.is_error is False
+    assert status.structured_content["backend"] == "local"
     assert refused.is_error is True
     assert "401 unauthorized" in text_of(refused)
 
