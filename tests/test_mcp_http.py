@@ -265,3 +265,21 @@ asyncio.run(main())
 """
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert output.stdout.split() == ["before", "False", "status", "200", "after", "True"], output.stderr
+
+
+async def test_unix_socket_listener(make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """On a unix socket listener, /mcp works and its tools reach the exec API through that socket."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    socket_path = tmp_path / "exec.sock"
+    await make_proxy(listen=f"unix:{socket_path}")
+    transport = httpx2.AsyncHTTPTransport(uds=str(socket_path))
+    async with (
+        httpx2.AsyncClient(transport=transport) as client,
+        streamable_http_client("http://localhost/mcp", http_client=client) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        result = await session.call_tool("exec", {"command": "echo over the socket"})
+    assert text_of(result) == "over the socket\nexit code: 0"
