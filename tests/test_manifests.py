@@ -25,8 +25,8 @@ KUBERNETES_VERSION = "1.33.0"
 # The base alone, and the base with the monitoring component (the overlay that includes it).
 RENDERINGS = {"base": ROOT / "manifests", "with-monitoring": ROOT / "overlays" / "with-monitoring"}
 BASE_OBJECTS = [
-    "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation", "Pod/runner-demo",
-    "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
+    "ConfigMap/session-mcp", "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation",
+    "Pod/runner-demo", "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
     "ServiceAccount/session-proxy", "ServiceAccount/session-workspace",
 ]  # fmt: skip
 MONITORING_OBJECTS = [
@@ -63,8 +63,8 @@ def with_monitoring() -> Objects:
 
 @pytest.mark.parametrize("name", sorted(RENDERINGS))
 def test_renders_every_object(name: str) -> None:
-    """The base renders the accounts, RBAC, both pods and the network policies; the monitoring
-    component adds the PodMonitor, the PrometheusRule and the dashboard ConfigMap."""
+    """The base renders the accounts, RBAC, both pods, the agent's MCP config and the network
+    policies; the monitoring component adds the PodMonitor, the PrometheusRule and the dashboard ConfigMap."""
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in render(name))
     expected = BASE_OBJECTS + (MONITORING_OBJECTS if name == "with-monitoring" else [])
     assert kinds == sorted(expected)
@@ -80,7 +80,11 @@ def test_objects_match_the_kubernetes_schemas(rendered: Objects) -> None:
 
 def test_dashboard_configmap_holds_the_dashboard_file(with_monitoring: Objects) -> None:
     """The generated ConfigMap carries dashboard.json byte for byte, labelled for Grafana's sidecar."""
-    config_map = next(o for o in with_monitoring if o["kind"] == "ConfigMap")
+    config_map = next(
+        o
+        for o in with_monitoring
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-proxy-dashboard"
+    )
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["data"] == {
         "session-proxy.json": (ROOT / "manifests" / "monitoring" / "dashboard.json").read_text()
@@ -199,7 +203,8 @@ MONITORING_MUTATIONS: list[tuple[str, str, Mutation]] = [
      lambda o: _monitor(o)["spec"]["podMetricsEndpoints"][0].pop("relabelings")),
     ("monitoring_is_wired", "PrometheusRule left out", lambda o: _drop_kind(o, "PrometheusRule")),
     ("monitoring_is_wired", "dashboard not labelled for Grafana",
-     lambda o: next(c for c in o if c["kind"] == "ConfigMap")["metadata"].update(labels={})),
+     lambda o: next(c for c in o if c["metadata"]["name"] == "session-proxy-dashboard")["metadata"].update(
+         labels={})),
     ("monitoring_is_wired", "PodMonitor of another API version",
      lambda o: _monitor(o).update(apiVersion="monitoring.coreos.com/v1alpha1")),
 ]  # fmt: skip
