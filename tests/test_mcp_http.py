@@ -8,7 +8,6 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import httpx2
@@ -78,50 +77,6 @@ async def test_token_is_required_when_configured(
     async with http_session(proxy.url, token="s3cret-token-0123456789") as session:
         result = await session.call_tool("exec", {"command": "echo through the token"})
     assert text_of(result) == "through the token\nexit code: 0"
-
-
-async def test_deleting_the_session_ends_the_command(proxy: RunningProxy, marker: str) -> None:
-    """DELETE of the MCP session ends a running call's command and all its children."""
-    session_ids: list[str] = []
-
-    async def remember_session(response: httpx2.Response) -> None:
-        if "mcp-session-id" in response.headers:
-            session_ids.append(response.headers["mcp-session-id"])
-
-    async with (
-        httpx2.AsyncClient(event_hooks={"response": [remember_session]}) as client,
-        http_session_over(client, proxy.url) as session,
-    ):
-        call = asyncio.create_task(session.call_tool("exec", {"command": f"sleep {marker} & sleep {marker}"}))
-        await wait_for_processes(marker, 2)
-        async with aiohttp.ClientSession() as http:
-            headers = {"Mcp-Session-Id": session_ids[0], "Mcp-Protocol-Version": PROTOCOL}
-            async with http.delete(f"{proxy.url}/mcp", headers=headers) as response:
-                assert response.status == 200
-        assert await survivors(marker, within=10) == []
-        call.cancel()
-        await asyncio.gather(call, return_exceptions=True)
-
-
-def http_session_over(client: httpx2.AsyncClient, url: str) -> Any:
-    from contextlib import asynccontextmanager
-
-    from mcp import ClientSession
-    from mcp.client.streamable_http import streamable_http_client
-
-    @asynccontextmanager
-    async def session() -> Any:
-        async with (
-            streamable_http_client(f"{url}/mcp", http_client=client, terminate_on_close=False) as (
-                read,
-                write,
-            ),
-            ClientSession(read, write) as mcp_session,
-        ):
-            await mcp_session.initialize()
-            yield mcp_session
-
-    return session()
 
 
 async def test_client_going_away_ends_the_command(

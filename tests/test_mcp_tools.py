@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx2
 import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from .conftest import ProxyFactory, RunningProxy, kube_proxy, survivors, wait_for_processes
 from .mcp_client import TRANSPORTS, ProgressLog, connect, text_of
@@ -189,3 +193,64 @@ async def test_long_output_is_cut_in_the_middle(workspace: Workspace, transport:
     assert "line 05000 " not in text
     assert "characters left out in the middle" in text
     assert len(text) < 30_000 + 500
+
+
+async def test_deleting_the_session_ends_the_command(workspace: Workspace, marker: str) -> None:
+    """DELETE of the MCP session ends a running call's command and all its children."""
+    session_ids: list[str] = []
+
+    async def remember_session(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers:
+            session_ids.append(response.headers["mcp-session-id"])
+
+    async with (
+        httpx2.AsyncClient(event_hooks={"response": [remember_session]}) as client,
+        streamable_http_client(
+            f"{workspace.proxy.url}/mcp", http_client=client, terminate_on_close=False
+        ) as (
+            read,
+            write,
+        ),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        call = asyncio.create_task(session.call_tool("exec", {"command": f"sleep {marker} & sleep {marker}"}))
+        await wait_for_processes(marker, 2)
+        headers = {"Mcp-Session-Id": session_ids[0], "Mcp-Protocol-Version": "2025-11-25"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.delete(f"{workspace.proxy.url}/mcp", headers=headers) as response,
+        ):
+            assert response.status == 200
+        assert await survivors(marker, within=10) == []
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+
+
+async def test_status_and_logs_on_kubernetes(kube: Any, make_proxy: ProxyFactory, tmp_path: Path) -> None:
+    """status names the workspace pod; logs returns the last lines of its container log."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    pod.log_lines = [f"log line {i}" for i in range(10)]
+    proxy = await kube_proxy(kube, make_proxy, tmp_path)
+    async with connect("http", proxy.url, tmp_path) as session:
+        status = await session.call_tool("status", {})
+        logs = await session.call_tool("logs", {"tail": 3})
+    assert status.structured_content["ready"] is True
+    assert "ws-1" in text_of(status)
+    assert text_of(logs) == "log line 7\nlog line 8\nlog line 9\n"
+
+
+@pytest.mark.parametrize("wait", [0, 1])
+async def test_workspace_not_ready_is_a_tool_error_saying_what_to_do(
+    kube: Any, make_proxy: ProxyFactory, tmp_path: Path, wait: int
+) -> None:
+    """A workspace that never gets ready (refused at once, or after waiting): not run, why, when to retry."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"}, ready=False,
+                 waiting_reason="ContainerCreating")  # fmt: skip
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=wait)
+    async with connect("http", proxy.url, tmp_path) as session:
+        result = await session.call_tool("exec", {"command": "true"})
+    assert result.is_error is True
+    assert "not ready" in text_of(result)
+    assert "retry in" in text_of(result)
+    assert "not run: " in text_of(result)

@@ -22,6 +22,7 @@ from .target import ToolTarget
 
 log = logging.getLogger(__name__)
 ProgressReporter = Callable[[float, str], Awaitable[None]]
+NOT_STARTED_RETRY: Final = 5  # seconds: a workspace that did not come up in time may need a moment
 QUIET_HEARTBEAT: Final = 2  # progress intervals without output before a "still running" message
 
 EARLY_END_ADVICE: Final = {
@@ -112,7 +113,7 @@ def _early_end_message(event: ExitEvent, arguments: ExecArguments, options: Tool
 
 
 def exit_outcome(
-    event: ExitEvent, digest: OutputDigest, arguments: ExecArguments, options: ToolOptions
+    event: ExitEvent, digest: OutputDigest, arguments: ExecArguments, options: ToolOptions, *, started: bool
 ) -> ToolOutcome:
     """The result for a command that ran: output, maybe an explanation, then the exit code line."""
     digest.finish()
@@ -120,7 +121,13 @@ def exit_outcome(
     if text and not text.endswith("\n"):
         text += "\n"
     early = event.reason != "exited"
-    if early:
+    if early and not started:
+        # Ended while waiting for the workspace: nothing ran.
+        text += (
+            f"not run: {event.message or event.reason}. Check `status` for why; "
+            f"retry in {NOT_STARTED_RETRY} s.\n"
+        )
+    elif early:
         text += _early_end_message(event, arguments, options) + "\n"
     text += _exit_line(event)
     structured = {
@@ -183,7 +190,7 @@ async def _consume(
             progress.waiting = None
         elif isinstance(event, ExitEvent):
             log.info("mcp exec finished", extra={"exec_id": exec_id, "outcome": event.reason})
-            return exit_outcome(event, progress.digest, arguments, options)
+            return exit_outcome(event, progress.digest, arguments, options, started=bool(exec_id))
     raise ProxyProtocolError("the event stream ended without an exit event")
 
 
