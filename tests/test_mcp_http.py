@@ -164,6 +164,19 @@ async def test_the_current_protocol_version_works(proxy: RunningProxy) -> None:
     assert any("modern" in message for message in progress.messages)
 
 
+@pytest.mark.parametrize("version", ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"])
+async def test_every_handshake_version_is_accepted(
+    http: aiohttp.ClientSession, proxy: RunningProxy, version: str
+) -> None:
+    """An initialize offering any protocol version the SDK supports gets that version back."""
+    hello = {**INITIALIZE, "params": {**INITIALIZE["params"], "protocolVersion": version}}  # type: ignore[dict-item]
+    async with http.post(f"{proxy.url}/mcp", json=hello, headers=MCP_HEADERS) as response:
+        body = await response.text()
+    assert response.status == 200
+    data = next(line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: {"))
+    assert json.loads(data)["result"]["protocolVersion"] == version
+
+
 async def test_status_and_logs_tools(proxy: RunningProxy) -> None:
     """status returns the /status document and a summary; logs says the local backend has none."""
     async with http_session(proxy.url) as session:

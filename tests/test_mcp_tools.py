@@ -64,6 +64,8 @@ async def test_tools_are_listed_with_schemas(workspace: Workspace, transport: st
     )
     assert set(exec_tool.output_schema["required"]) >= {"exit_code", "reason", "stdout_bytes", "truncated"}
     assert "setsid" in exec_tool.description
+    if transport == "http":  # the bridge does not know the proxy's maximum; the proxy checks it
+        assert exec_tool.input_schema["properties"]["timeout"]["anyOf"][0]["maximum"] == 1800
     assert exec_tool.annotations.destructive_hint is True
     assert exec_tool.annotations.open_world_hint is True
     assert tools["status"].annotations.read_only_hint is True
@@ -79,7 +81,7 @@ async def test_output_exit_code_and_structured_fields(
         result = await session.call_tool(
             "exec",
             {"command": 'echo out; echo err >&2; printf "%s" "$GREETING"; cat; exit 3',
-             "env": {"GREETING": "hello"}, "stdin": "from stdin"},
+             "env": {"GREETING": "hello"}, "stdin": "from stdin\n"},
         )  # fmt: skip
     assert result.is_error is False
     text = text_of(result)
@@ -89,7 +91,7 @@ async def test_output_exit_code_and_structured_fields(
     structured = result.structured_content
     assert structured["exit_code"] == 3
     assert structured["reason"] == "exited"
-    assert structured["stdout_bytes"] == len(b"out\nhellofrom stdin")
+    assert structured["stdout_bytes"] == len(b"out\nhellofrom stdin\n")
     assert structured["stderr_bytes"] == len(b"err\n")
     assert structured["truncated"] is False
     assert structured["signal"] is None

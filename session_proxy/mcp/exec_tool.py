@@ -88,8 +88,8 @@ def refusal_message(error: ProxyRefused) -> str:
     retry = f"; retry in {error.retry_after:g} s" if error.retry_after else ""
     if error.status == 429:
         return f"not run: the proxy is at its limit ({error.code}: {error.message}){retry}."
-    if error.status == 503:
-        return f"not run: the workspace is not ready: {error.message}{retry}."
+    if error.status == 503:  # the message says which: the workspace is not ready, or shutting down
+        return f"not run: {error.message}{retry}."
     if error.status == 422:
         return f"not run: the request was invalid: {error.message}. Fix the arguments and call again."
     return f"not run: the proxy refused ({error.status} {error.code}): {error.message}{retry}."

@@ -23,10 +23,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ..errors import NotReady
 from ..keys import AUTH_TOKEN
 from ..settings import Settings
 from .arguments import ToolOptions
-from .asgi_bridge import AsgiApp, serve_asgi
+from .asgi_bridge import EXCHANGE_CLOSED, AsgiApp, serve_asgi
 from .exec_tool import CallsInFlight
 from .target import ExecApiTarget
 
@@ -77,6 +78,8 @@ class McpEndpoint:
         return self._asgi is not None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._stop.is_set():
+            raise NotReady("the proxy is shutting down", retry_after=5, code="shutting_down")
         asgi = self._asgi or await self._start(request)
         return await serve_asgi(asgi, request)
 
@@ -84,8 +87,6 @@ class McpEndpoint:
         async with self._starting:
             if self._asgi is not None:
                 return self._asgi
-            if self._stop.is_set():
-                raise web.HTTPServiceUnavailable(text="the proxy is shutting down")
             tools, manager_module = await asyncio.to_thread(_import_sdk)
             self._target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
             server = tools.build_server(
@@ -127,8 +128,7 @@ class McpEndpoint:
 
 
 def _exchange_closed(ctx: Any) -> asyncio.Event | None:
-    from .asgi_bridge import EXCHANGE_CLOSED
-
+    """The event the bridge sets when the HTTP exchange carrying this call is over."""
     request = getattr(ctx, "request", None)
     scope = getattr(request, "scope", None) or {}
     event = scope.get("extensions", {}).get(EXCHANGE_CLOSED)

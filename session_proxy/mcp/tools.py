@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, get_args
 
 import mcp_types as types
@@ -218,7 +218,7 @@ class ToolCalls:
         return ToolOutcome(text or "(the log is empty)")
 
 
-async def _unless_closed(call: Any, closed: asyncio.Event) -> ToolOutcome:
+async def _unless_closed(call: Coroutine[Any, Any, ToolOutcome], closed: asyncio.Event) -> ToolOutcome:
     """Run ``call``; if the exchange carrying its result closes first, cancel it (ending the command)."""
     task: asyncio.Task[ToolOutcome] = asyncio.ensure_future(call)
     watcher = asyncio.ensure_future(closed.wait())
