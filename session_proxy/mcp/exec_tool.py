@@ -79,8 +79,8 @@ class _Progress:
     waiting: str | None = None
 
 
-def _seconds(value: float | None) -> str:
-    return "no limit given" if value is None else f"{value:g} s"
+def _seconds(value: float | None, unknown: str) -> str:
+    return unknown if value is None else f"{value:g} s"
 
 
 def refusal_message(error: ProxyRefused) -> str:
@@ -103,17 +103,17 @@ def _exit_line(event: ExitEvent) -> str:
     return f"exit code: none (ended: {event.reason})"
 
 
-def _early_end_message(event: ExitEvent, arguments: ExecArguments, options: ToolOptions) -> str:
+def _early_end_message(event: ExitEvent, start: StartEvent, options: ToolOptions) -> str:
     advice = EARLY_END_ADVICE.get(event.reason, "it was ended early.").format(
-        timeout=_seconds(arguments.timeout or options.default_timeout),
-        max_timeout=_seconds(options.max_timeout),
+        timeout=_seconds(start.timeout, "its timeout"),
+        max_timeout=_seconds(options.max_timeout, "the proxy's --max-timeout"),
     )
     detail = f" ({event.message})" if event.message else ""
     return f"error: the command did not finish on its own: {advice}{detail}"
 
 
 def exit_outcome(
-    event: ExitEvent, digest: OutputDigest, arguments: ExecArguments, options: ToolOptions, *, started: bool
+    event: ExitEvent, digest: OutputDigest, start: StartEvent | None, options: ToolOptions
 ) -> ToolOutcome:
     """The result for a command that ran: output, maybe an explanation, then the exit code line."""
     digest.finish()
@@ -121,14 +121,14 @@ def exit_outcome(
     if text and not text.endswith("\n"):
         text += "\n"
     early = event.reason != "exited"
-    if early and not started:
+    if early and start is None:
         # Ended while waiting for the workspace: nothing ran.
         text += (
             f"not run: {event.message or event.reason}. Check `status` for why; "
             f"retry in {NOT_STARTED_RETRY} s.\n"
         )
-    elif early:
-        text += _early_end_message(event, arguments, options) + "\n"
+    elif early and start is not None:
+        text += _early_end_message(event, start, options) + "\n"
     text += _exit_line(event)
     structured = {
         "exit_code": event.exit_code,
@@ -177,7 +177,7 @@ async def _consume(
         stdin=arguments.stdin,
         timeout=arguments.timeout,
     )
-    exec_id = ""
+    start: StartEvent | None = None
     async for event in events:
         if isinstance(event, OutputEvent):
             progress.digest.feed(event.type, event.payload())
@@ -186,11 +186,12 @@ async def _consume(
             progress.waiting = event.message
             progress.changed.set()
         elif isinstance(event, StartEvent):
-            exec_id = event.exec_id
+            start = event
             progress.waiting = None
         elif isinstance(event, ExitEvent):
+            exec_id = start.exec_id if start else None
             log.info("mcp exec finished", extra={"exec_id": exec_id, "outcome": event.reason})
-            return exit_outcome(event, progress.digest, arguments, options, started=bool(exec_id))
+            return exit_outcome(event, progress.digest, start, options)
     raise ProxyProtocolError("the event stream ended without an exit event")
 
 
