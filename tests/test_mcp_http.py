@@ -14,6 +14,8 @@ import httpx2
 import pytest
 from mcp import Client
 
+from session_proxy.keys import SUPERVISOR
+
 from .conftest import ProxyFactory, RunningProxy, survivors, wait_for_processes
 from .mcp_client import ProgressLog, http_session, text_of
 
@@ -197,6 +199,9 @@ async def test_shutdown_ends_open_mcp_sessions(make_proxy: ProxyFactory, marker:
     async with http_session(proxy.url) as session:
         call = asyncio.create_task(session.call_tool("exec", {"command": f"sleep {marker}"}))
         await wait_for_processes(marker, 1)
+        # The process exists a moment before the exec is registered for the drain; wait for that.
+        while proxy.server.exec_app[SUPERVISOR].running == 0:
+            await asyncio.sleep(0.01)
         async with asyncio.timeout(30):  # aiohttp's own wait for open requests would be 60 s
             await proxy.server.stop()
         result = await call

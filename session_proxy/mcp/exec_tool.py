@@ -8,9 +8,8 @@ command could not run or was ended early, with a message saying what happened an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,30 +45,6 @@ class ToolOutcome:
     text: str
     structured: dict[str, Any] | None = None
     is_error: bool = False
-
-
-class CallsInFlight:
-    """Counts running tool calls, so a shutdown can let them deliver results their execs already have."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        self._count += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._count -= 1
-            if not self._count:
-                self._idle.set()
-
-    async def wait_idle(self, within: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), within)
 
 
 @dataclass

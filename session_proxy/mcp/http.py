@@ -15,9 +15,10 @@ the app's token), so each command is an ordinary exec: admitted, counted, logged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any, Final
 
@@ -28,11 +29,10 @@ from ..keys import AUTH_TOKEN
 from ..settings import Settings
 from .arguments import ToolOptions
 from .asgi_bridge import EXCHANGE_CLOSED, AsgiApp, serve_asgi
-from .exec_tool import CallsInFlight
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
-# On shutdown the drain has already ended every exec; calls get this long to deliver their results.
+# On shutdown the drain has already ended every exec; POSTs get this long to deliver their results.
 RESULT_GRACE: Final = 5.0
 
 
@@ -55,6 +55,30 @@ def _import_sdk() -> tuple[ModuleType, ModuleType]:
     )
 
 
+class ExchangesInFlight:
+    """Counts open POST exchanges, so a shutdown lets them deliver the results the drain produced."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self._count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if not self._count:
+                self._idle.set()
+
+    async def wait_idle(self, within: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within)
+
+
 class McpEndpoint:
     """Loads the SDK and starts its session manager on first use; stops both with the app."""
 
@@ -71,7 +95,7 @@ class McpEndpoint:
         self._manager_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._starting = asyncio.Lock()
-        self._in_flight = CallsInFlight()
+        self._posts = ExchangesInFlight()
 
     @property
     def loaded(self) -> bool:
@@ -81,7 +105,10 @@ class McpEndpoint:
         if self._stop.is_set():
             raise NotReady("the proxy is shutting down", retry_after=5, code="shutting_down")
         asgi = self._asgi or await self._start(request)
-        return await serve_asgi(asgi, request)
+        if request.method != "POST":
+            return await serve_asgi(asgi, request)  # a GET stream lasts as long as its session
+        with self._posts.track():
+            return await serve_asgi(asgi, request)
 
     async def _start(self, request: web.Request) -> AsgiApp:
         async with self._starting:
@@ -89,9 +116,7 @@ class McpEndpoint:
                 return self._asgi
             tools, manager_module = await asyncio.to_thread(_import_sdk)
             self._target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
-            server = tools.build_server(
-                self._target, self._options, exchange_closed=_exchange_closed, in_flight=self._in_flight
-            )
+            server = tools.build_server(self._target, self._options, exchange_closed=_exchange_closed)
             manager = manager_module.StreamableHTTPSessionManager(
                 app=server,
                 security_settings=None,  # the app's own guards check Host, Origin and the token
@@ -117,7 +142,7 @@ class McpEndpoint:
     async def stop(self) -> None:
         """End every MCP session (their calls are cancelled, ending their commands)."""
         if self._manager_task is not None:
-            await self._in_flight.wait_idle(RESULT_GRACE)
+            await self._posts.wait_idle(RESULT_GRACE)
         self._stop.set()
         if self._manager_task is not None:
             await self._manager_task

@@ -21,7 +21,7 @@ from .. import __version__
 from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
 from .arguments import ExecArguments, LogsArguments, ToolOptions
-from .exec_tool import CallsInFlight, ProgressReporter, ToolOutcome, refusal_message, run_exec
+from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
 from .target import ToolTarget
 
 # How a transport tells a call that nobody will read its result (the HTTP request is gone).
@@ -145,12 +145,10 @@ class ToolCalls:
         target: ToolTarget,
         options: ToolOptions,
         exchange_closed: ExchangeClosed | None,
-        in_flight: CallsInFlight,
     ) -> None:
         self._target = target
         self._options = options
         self._exchange_closed = exchange_closed
-        self._in_flight = in_flight
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -161,8 +159,7 @@ class ToolCalls:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         arguments = params.arguments or {}
-        with self._in_flight.track():
-            return _result(await self._call(ctx, params.name, arguments))
+        return _result(await self._call(ctx, params.name, arguments))
 
     async def _call(
         self, ctx: ServerRequestContext[Any, Any], name: str, arguments: dict[str, Any]
@@ -240,9 +237,8 @@ def build_server(
     options: ToolOptions,
     *,
     exchange_closed: ExchangeClosed | None = None,
-    in_flight: CallsInFlight | None = None,
 ) -> Server[Any]:
-    calls = ToolCalls(target, options, exchange_closed, in_flight or CallsInFlight())
+    calls = ToolCalls(target, options, exchange_closed)
     return Server(
         "session-proxy",
         version=__version__,
