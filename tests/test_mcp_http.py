@@ -199,8 +199,7 @@ async def test_shutdown_ends_open_mcp_sessions(make_proxy: ProxyFactory, marker:
     async with http_session(proxy.url) as session:
         call = asyncio.create_task(session.call_tool("exec", {"command": f"sleep {marker}"}))
         await wait_for_processes(marker, 1)
-        # The process exists a moment before the exec is registered for the drain; wait for that.
-        while proxy.server.exec_app[SUPERVISOR].running == 0:
+        while proxy.server.exec_app[SUPERVISOR].in_flight == 0:  # registered for the drain
             await asyncio.sleep(0.01)
         async with asyncio.timeout(30):  # aiohttp's own wait for open requests would be 60 s
             await proxy.server.stop()

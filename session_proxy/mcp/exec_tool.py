@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..client import ProxyClientError, ProxyProtocolError, ProxyRefused, ProxyUnreachable
+from ..client import ExecEvents, ProxyClientError, ProxyProtocolError, ProxyRefused, ProxyUnreachable
 from ..models import ExitEvent, OutputEvent, StartEvent, WaitingEvent
 from .arguments import ExecArguments, ToolOptions
 from .output import OutputDigest
@@ -152,6 +152,11 @@ async def _consume(
         stdin=arguments.stdin,
         timeout=arguments.timeout,
     )
+    async with events:  # leaving early (a cancelled call) closes the request: the command ends
+        return await _collect(events, progress, options)
+
+
+async def _collect(events: ExecEvents, progress: _Progress, options: ToolOptions) -> ToolOutcome:
     start: StartEvent | None = None
     async for event in events:
         if isinstance(event, OutputEvent):

@@ -9,12 +9,11 @@ and cancellation as a client that hangs up (the command ends as ``client_gone``)
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
 
-from ..client import ExecClient, ExecEvent, ProxyRefused, ProxyUnreachable
+from ..client import ExecClient, ExecEvents, ProxyRefused, ProxyUnreachable
 
 USER_AGENT = "session-proxy-mcp"
 
@@ -30,7 +29,7 @@ class ToolTarget(Protocol):
         env: dict[str, str] | None,
         stdin: str | None,
         timeout: float | None,
-    ) -> AsyncIterator[ExecEvent]: ...
+    ) -> ExecEvents: ...
 
     async def status(self) -> dict[str, Any]: ...
 
@@ -55,7 +54,7 @@ class ExecApiTarget:
         env: dict[str, str] | None,
         stdin: str | None,
         timeout: float | None,
-    ) -> AsyncIterator[ExecEvent]:
+    ) -> ExecEvents:
         return self._client.exec(command, workdir=workdir, env=env, stdin=stdin, timeout=timeout)
 
     async def status(self) -> dict[str, Any]:
