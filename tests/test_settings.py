@@ -37,6 +37,7 @@ DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
     "owner_api_group": ("unset", ""),
     "owner_name": ("unset", None),
     "owner_uid": ("unset", None),
+    "mcp_workdir": ("unset: the backend's default", None),
 }
 
 
