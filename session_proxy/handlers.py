@@ -32,6 +32,12 @@ def _check_content(request: web.Request) -> None:
             "Content-Encoding is not accepted; send the JSON body uncompressed",
             code="content_encoding",
         )
+    transfer_coding = request.headers.get("Transfer-Encoding", "chunked").strip().lower()
+    if transfer_coding != "chunked":
+        raise UnsupportedMediaType(
+            f"Transfer-Encoding {transfer_coding[:50]!r} is not accepted; only chunked (or none)",
+            code="transfer_encoding",
+        )
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {request.content_type!r}",

@@ -29,7 +29,8 @@ ERRORS = {
     "target naming another host (bad_host, browser_request, bad_target)",
     "408": "The body did not arrive within --body-timeout (body_timeout); the connection is closed",
     "413": "Body larger than the configured maximum (body_too_large)",
-    "415": "Content-Type not application/json, or any Content-Encoding (unsupported_media_type)",
+    "415": "Content-Type not application/json (unsupported_media_type), any Content-Encoding "
+    "(content_encoding), a Transfer-Encoding other than chunked (transfer_encoding)",
     "422": "A field is invalid; `fields` says which and why (invalid_request)",
     "429": "Rate or concurrency limit; see Retry-After (rate_limited, concurrency_limit)",
     "502": "The backend (Kubernetes API server) failed (backend_error)",
