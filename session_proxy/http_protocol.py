@@ -1,10 +1,14 @@
-"""aiohttp's connection handler, adjusted: requests it cannot parse are answered in JSON.
+"""aiohttp's connection handler, adjusted: parse errors in JSON; stuck connections let go.
 
 aiohttp answers a request it cannot parse (bad request line, bad header, Content-Length with
 Transfer-Encoding, ...) itself, before any middleware runs: ``text/plain`` echoing the bad
 bytes, and it logs each at error level with a full traceback (about ten times the size of the
 request). Here the answer is the API's JSON error body and the log is one short line at info
 level (rate-limited by ``log_throttle``); only a 500, a bug, keeps its traceback.
+
+When a connection's handling ends (closed, kept-alive and then timed out, or its handler
+cancelled), bytes still unsent get ``UNSENT_DATA_BOUND`` seconds to leave before the connection
+is aborted: a client that stopped reading must not keep its socket and buffer for ever.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .guards import SECURITY_HEADERS
+from .transport import abort_if_unsent
 
 log = logging.getLogger(__name__)
 
 # The parser quotes what it refused (b'...'); that is the client's own input: never echo it.
 ECHOED_BYTES: Final = re.compile(r"""\bb['"]""")
+UNSENT_DATA_BOUND: Final = 10.0
 ERROR_CODES: Final = {400: "malformed_http", 413: "body_too_large", 431: "headers_too_large"}
 
 
@@ -38,7 +44,12 @@ def describe(status: int, message: str | None) -> str:
     return f"{phrase}: the request is not valid HTTP/1.1 for this server: {reason or phrase}"
 
 
-class JsonErrorRequestHandler(RequestHandler):
+class ProxyRequestHandler(RequestHandler):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._task_handler is not None:
+            self._task_handler.add_done_callback(lambda _: abort_if_unsent(transport, UNSENT_DATA_BOUND))
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -66,17 +77,17 @@ class JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-class _JsonErrorServer(web.Server):
+class _ProxyHttpServer(web.Server):
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=asyncio.get_running_loop(), **self._kwargs)
+        return ProxyRequestHandler(self, loop=asyncio.get_running_loop(), **self._kwargs)
 
 
 class ProxyAppRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections answer unparseable requests in JSON."""
+    """An ``AppRunner`` whose connections are ``ProxyRequestHandler``s."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # starts the application, as AppRunner does
-        return _JsonErrorServer(
+        return _ProxyHttpServer(
             server.request_handler,
             request_factory=server.request_factory,
             loop=asyncio.get_running_loop(),

@@ -38,3 +38,23 @@ async def drain_or_abort(transport: asyncio.BaseTransport | None, timeout: float
             return False
         await asyncio.sleep(DRAIN_POLL_INTERVAL)
     return True
+
+
+def abort_if_unsent(transport: asyncio.BaseTransport, timeout: float) -> None:
+    """A connection is done with: give its unsent bytes ``timeout`` seconds to leave, then abort.
+
+    Closing a transport waits until its buffer is sent, which for a client that stopped
+    reading is never: the socket, its buffer and the fd would be held for the proxy's life.
+    """
+    if not isinstance(transport, asyncio.WriteTransport) or transport.get_write_buffer_size() == 0:
+        return
+    asyncio.get_running_loop().call_later(timeout, _abort_if_still_unsent, transport)
+
+
+def _abort_if_still_unsent(transport: asyncio.WriteTransport) -> None:
+    if transport.get_write_buffer_size() > 0:
+        log.info(
+            "closing a connection whose client does not read",
+            extra={"unsent_bytes": transport.get_write_buffer_size()},
+        )
+        transport.abort()
