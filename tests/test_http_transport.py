@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from session_proxy.transport import drain_or_abort
+from session_proxy.transport import abort_if_unsent, drain_or_abort
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,3 +86,15 @@ async def test_a_client_that_reads_is_kept(pair: Pair) -> None:
 async def test_a_gone_connection_is_left_alone() -> None:
     """No transport (the client already hung up): nothing to wait for."""
     assert await drain_or_abort(None, timeout=0.1) is True
+
+
+async def test_a_finished_connection_still_holding_bytes_is_aborted(pair: Pair) -> None:
+    """Closed gracefully with bytes the client will not take: aborted after the bound."""
+    pair.transport.write(PAYLOAD)
+    pair.transport.close()  # a graceful close waits for the buffer: for ever, here
+    abort_if_unsent(pair.transport, timeout=0.2)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while pair.transport.get_write_buffer_size() > 0:
+        assert loop.time() < deadline, "the connection was never aborted"
+        await asyncio.sleep(0.05)
