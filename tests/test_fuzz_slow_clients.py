@@ -135,7 +135,10 @@ async def test_trickling_clients_do_not_starve_real_ones(spawn_proxy: Callable[.
     body_tricklers = [t for t in tricklers if t.kind == "body"]
     # A body that trickles past --body-timeout is refused with 408 and its connection closed.
     assert all(t.closed_after is not None for t in body_tricklers), report
-    assert all(b" 408 " in t.answer.split(b"\r\n")[0] for t in body_tricklers), report
+    odd = [
+        (t.closed_after, t.answer[:80]) for t in body_tricklers if not t.answer.startswith(b"HTTP/1.1 408")
+    ]
+    assert not odd, (report, odd[:5])
 
 
 async def test_clients_that_stop_reading_are_disconnected(spawn_proxy: Callable[..., ProxyProcess]) -> None:
