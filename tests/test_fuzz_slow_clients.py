@@ -38,9 +38,38 @@ class Trickler:
     answer: bytes = b""
 
 
-async def trickle(port: int, trickler: Trickler, prefix: bytes, drip: bytes, give_up: asyncio.Event) -> None:
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, float]  # and when it was opened
+
+
+async def connect_gradually(port: int, server: psutil.Process, count: int) -> list[Connection]:
+    """Open ``count`` connections, a batch at a time, each batch accepted before the next.
+
+    A thousand connects at once overflow the listen queue (128), and the kernel then resets
+    some of them (SYN cookies that fail): that would test the kernel, not the proxy.
+    """
+    opened: list[Connection] = []
+    while len(opened) < count:
+        batch = min(50, count - len(opened))
+        for _ in range(batch):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            opened.append((reader, writer, time.monotonic()))
+        deadline = time.monotonic() + 30
+        while _established(server, port) < len(opened):
+            assert time.monotonic() < deadline, "the proxy stopped accepting connections"
+            await asyncio.sleep(0.02)
+    return opened
+
+
+def _established(server: psutil.Process, port: int) -> int:
+    connections = server.net_connections("tcp")
+    return sum(1 for c in connections if c.laddr.port == port and c.status == "ESTABLISHED")
+
+
+async def trickle(
+    connection: Connection, trickler: Trickler, prefix: bytes, drip: bytes, give_up: asyncio.Event
+) -> None:
     """Send ``prefix`` at once, then ``drip`` a byte a second, until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer, trickler.started = connection
     try:
         writer.write(prefix)
         for byte in drip:
@@ -106,11 +135,11 @@ async def test_trickling_clients_do_not_starve_real_ones(spawn_proxy: Callable[.
     port = int(proxy.url.rsplit(":", 1)[1])
     give_up = asyncio.Event()
     tricklers = [Trickler("headers") for _ in range(TRICKLERS)] + [Trickler("body") for _ in range(TRICKLERS)]
+    shapes = {"headers": _headers(port), "body": _body(port)}
+    connections = await connect_gradually(port, psutil.Process(proxy.process.pid), len(tricklers))
     tasks = [
-        asyncio.create_task(
-            trickle(port, t, *(_headers(port) if t.kind == "headers" else _body(port)), give_up)
-        )
-        for t in tricklers
+        asyncio.create_task(trickle(connection, t, *shapes[t.kind], give_up))
+        for connection, t in zip(connections, tricklers, strict=True)
     ]
     latencies = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -122,7 +151,7 @@ async def test_trickling_clients_do_not_starve_real_ones(spawn_proxy: Callable[.
         await asyncio.gather(*tasks)
         latencies.append(await _served(http, proxy.url))
     assert len(latencies) >= 5
-    report = {"served": len(latencies),
+    report: dict[str, object] = {"served": len(latencies),
               "exec_p50_ms": round(statistics.median(e for e, _ in latencies) * 1000, 1),
               "exec_max_ms": round(max(e for e, _ in latencies) * 1000, 1),
               "healthz_max_ms": round(max(h for _, h in latencies) * 1000, 1)}  # fmt: skip
@@ -158,16 +187,13 @@ async def test_clients_that_stop_reading_are_disconnected(spawn_proxy: Callable[
         writer.write(request)
         writers.append(writer)
     started = time.monotonic()
-
-    def open_connections() -> int:
-        return sum(
-            1 for c in server.net_connections("tcp") if c.laddr.port == port and c.status == "ESTABLISHED"
-        )
-
+    while _established(server, port) < len(writers):  # accepted: each exec is under way
+        assert time.monotonic() - started < 30, "the proxy did not accept the non-reading clients"
+        await asyncio.sleep(0.05)
     peak = 0
     rss_peak = 0
     try:
-        while (count := open_connections()) > 0:
+        while (count := _established(server, port)) > 0:
             peak = max(peak, count)
             rss_peak = max(rss_peak, server.memory_info().rss)
             assert time.monotonic() - started < 120, f"{count} non-reading clients still connected"
