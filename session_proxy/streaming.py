@@ -268,7 +268,7 @@ class ExecRun:
                 await self._events.end()
         except (TimeoutError, ConnectionError):
             log.warning("client did not take the exit event", extra={"exec_id": self._spec.exec_id})
-        await drain_or_abort(self._request.transport, FINAL_WRITE_TIMEOUT)
+        await drain_or_abort(self._request.transport, timeout)
 
     async def _send_waiting(self, message: str) -> None:
         self._waiting = True
