@@ -5,13 +5,15 @@
     ├── auth.Unauthorized       401 unauthorized (with --auth-token-file)
     ├── GuardRefused            403 forbidden
     ├── NotFound                404 not_found
-    ├── MethodNotAllowed        405 method_not_allowed
+    ├── MethodNotAllowed        405 method_not_allowed (with Allow)
+    ├── RequestTimeout          408 body_timeout
     ├── BodyTooLarge            413 body_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── InvalidRequest          422 invalid_request (with the invalid fields)
     ├── TooManyRequests         429 rate_limited | concurrency_limit (with Retry-After)
     ├── BackendFailure          502 backend_error
-    └── NotReady                503 not_ready | shutting_down (with Retry-After)
+    ├── NotReady                503 not_ready | shutting_down (with Retry-After)
+    └── HttpVersionNotSupported 505 http_version
 
 Errors after streaming has started travel in-band, as the final ``exit`` event.
 """
@@ -58,6 +60,19 @@ class NotFound(ProxyError):
 class MethodNotAllowed(ProxyError):
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 15.5.6: a 405 MUST say which methods the resource takes.
+        return {"Allow": self.allow} if self.allow else {}
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "body_timeout"
 
 
 class BodyTooLarge(ProxyError):
@@ -108,3 +123,8 @@ class BackendFailure(ProxyError):
 class NotReady(_RetryableError):
     status = 503
     code = "not_ready"
+
+
+class HttpVersionNotSupported(ProxyError):
+    status = 505
+    code = "http_version"

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from .auth import check_bearer
 from .errors import (
     BodyTooLarge,
     GuardRefused,
+    HttpVersionNotSupported,
     MethodNotAllowed,
     NotFound,
     ProxyError,
@@ -42,7 +44,7 @@ def _from_http_exception(exception: web.HTTPException) -> ProxyError:
     if exception.status == 404:
         return NotFound("no such endpoint; see GET /openapi.json for the API")
     if exception.status == 405:
-        return MethodNotAllowed(f"method not allowed here: {exception.text or ''}".strip())
+        return method_not_allowed(exception)
     if exception.status == 413:
         return BodyTooLarge("request body is larger than the configured --max-body-bytes")
     return ProxyError(exception.reason, code="http_error", status=exception.status)
@@ -59,6 +61,13 @@ def _from_unexpected(exception: Exception) -> ProxyError:
     return ProxyError(
         f"internal error ({type(exception).__name__}); see the proxy's log", code="internal_error"
     )
+
+
+def method_not_allowed(exception: web.HTTPException) -> MethodNotAllowed:
+    """A 405 that names the methods the path takes, in the body and in ``Allow``."""
+    allow = exception.headers.get("Allow", "")
+    method = getattr(exception, "method", "this method")
+    return MethodNotAllowed(f"{method} is not allowed here; use {allow or 'another method'}", allow=allow)
 
 
 @web.middleware
@@ -100,9 +109,43 @@ def allowed_hosts(sockname: object) -> frozenset[str] | None:
     return frozenset(f"{name}:{port}" for name in names)
 
 
-def _check_host(request: web.Request) -> None:
-    transport = request.transport
-    accepted = allowed_hosts(transport.get_extra_info("sockname") if transport else None)
+def _check_version(request: web.Request) -> None:
+    if request.version.major != 1:
+        raise HttpVersionNotSupported(
+            f"HTTP/{request.version.major}.{request.version.minor} is not served here; use HTTP/1.1"
+        )
+
+
+def _names_this_listener(target: str, request: web.Request, accepted: frozenset[str] | None) -> bool:
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return False
+    authority = parts.netloc.lower()
+    if parts.scheme.lower() != "http" or not authority:
+        return False
+    if accepted is None:  # a unix socket: the target must agree with Host, as Host is not checked
+        return authority == request.headers.get("Host", "").lower()
+    return authority in accepted
+
+
+def _check_target(request: web.Request, accepted: frozenset[str] | None) -> None:
+    """An absolute-form target (``POST http://host/exec``) must name this listener too.
+
+    RFC 9112 3.2.2 lets the target's authority override ``Host``, so a foreign authority
+    behind a good ``Host`` would be two different requests to two readers.
+    """
+    target = request.raw_path
+    if target.startswith("/") or _names_this_listener(target, request, accepted):
+        return
+    raise GuardRefused(
+        f"request target {target[:100]!r} is not a path on this listener; send origin-form "
+        "(POST /exec) with Host set to this loopback address",
+        code="bad_target",
+    )
+
+
+def _check_host(request: web.Request, accepted: frozenset[str] | None) -> None:
     if accepted is None:
         return
     # Never request.host: it falls back to the socket address when Host is absent.
@@ -134,7 +177,11 @@ def _check_not_browser(request: web.Request) -> None:
 @web.middleware
 async def local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse DNS-rebound, browser-originated and (when configured) unauthenticated requests."""
-    _check_host(request)
+    transport = request.transport
+    accepted = allowed_hosts(transport.get_extra_info("sockname") if transport else None)
+    _check_version(request)
+    _check_host(request, accepted)
+    _check_target(request, accepted)
     _check_not_browser(request)
     token = request.app.get(AUTH_TOKEN, "")
     if token:

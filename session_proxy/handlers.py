@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import ValidationError
 
 from . import __version__
 from .backends.base import ExecSpec
 from .errors import (
     BodyTooLarge,
+    HttpVersionNotSupported,
     InvalidRequest,
     MalformedRequest,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
-from .models import ExecRequest
+from .models import ExecRequest, RequestJsonError, load_request_json
 from .openapi import openapi_document
 from .settings import Settings
 from .streaming import ExecRun, shutting_down
@@ -31,22 +32,45 @@ def _check_content(request: web.Request) -> None:
             "Content-Encoding is not accepted; send the JSON body uncompressed",
             code="content_encoding",
         )
+    transfer_coding = request.headers.get("Transfer-Encoding", "chunked").strip().lower()
+    if transfer_coding != "chunked":
+        raise UnsupportedMediaType(
+            f"Transfer-Encoding {transfer_coding[:50]!r} is not accepted; only chunked (or none)",
+            code="transfer_encoding",
+        )
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {request.content_type!r}",
         )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+def _check_streamable(request: web.Request) -> None:
+    # The event stream is chunked, which HTTP/1.0 does not have: refuse before anything starts.
+    if request.version != HttpVersion11:
+        raise HttpVersionNotSupported(
+            f"POST /exec streams its answer with chunked transfer coding, which needs HTTP/1.1; "
+            f"this request is HTTP/{request.version.major}.{request.version.minor} "
+            "(curl: drop -0/--http1.0)"
+        )
+
+
+async def _read_body(request: web.Request, settings: Settings) -> bytes:
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit} "
             "(--max-body-bytes); send large input some other way"
         )
     try:
-        return await request.read()
+        # A body that never arrives must not hold the connection (and shutdown) for ever.
+        async with asyncio.timeout(settings.body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"request body is over the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)"
+        ) from None
 
 
 def _field_name(location: tuple[int | str, ...]) -> str:
@@ -54,15 +78,11 @@ def _field_name(location: tuple[int | str, ...]) -> str:
 
 
 def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
-    """Validate a body; 400 if it is not JSON, 422 naming each invalid field otherwise.
-
-    The standard library parses the JSON because it keeps lone surrogates, which carry raw
-    bytes (``\\udcff`` is byte 0xff, as in ``os.fsdecode``); pydantic's parser refuses them.
-    """
+    """Validate a body; 400 if it is not strict JSON, 422 naming each invalid field otherwise."""
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise MalformedRequest(f"body is not valid JSON: {error}") from None
+        document = load_request_json(body)
+    except RequestJsonError as error:
+        raise MalformedRequest(str(error)) from None
     try:
         return ExecRequest.model_validate(
             document, strict=True, context={"max_timeout": settings.max_timeout}
@@ -85,10 +105,11 @@ async def post_exec(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     supervisor = app[SUPERVISOR]
+    _check_streamable(request)
     if supervisor.draining:
         raise shutting_down()
     _check_content(request)
-    exec_request = parse_exec_request(await _read_body(request, settings.max_body_bytes), settings)
+    exec_request = parse_exec_request(await _read_body(request, settings), settings)
     slot = await app[ADMISSION].admit()
     try:  # from here on the run holds the slot until the command's group is gone
         spec = ExecSpec(
@@ -136,14 +157,18 @@ async def get_status(request: web.Request) -> web.Response:
 MAX_LOG_LINES = 10_000
 
 
-async def get_logs(request: web.Request) -> web.Response:
-    text = request.query.get("tail", "100")
-    if not text.isdigit() or not 0 <= int(text) <= MAX_LOG_LINES:
+def parse_tail(text: str) -> int:
+    """``tail`` as a line count: ASCII digits only (``str.isdigit`` also takes '²'), bounded."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 6 and int(text) <= MAX_LOG_LINES):
         raise InvalidRequest(
             f"tail must be a whole number from 0 to {MAX_LOG_LINES}",
             [{"field": "tail", "reason": f"must be 0..{MAX_LOG_LINES}"}],
         )
-    log_text = await request.app[BACKEND].logs(int(text))
+    return int(text)
+
+
+async def get_logs(request: web.Request) -> web.Response:
+    log_text = await request.app[BACKEND].logs(parse_tail(request.query.get("tail", "100")))
     return web.Response(text=log_text, content_type="text/plain")
 
 
@@ -152,7 +177,7 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(request.app[SETTINGS].max_timeout))
 
 
 # Ops listener: reachable from the pod network, so nothing here runs commands or shows data.

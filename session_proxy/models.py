@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,42 @@ ExitReason = Literal[
     "pod_gone",
     "error",
 ]
+
+
+class RequestJsonError(ValueError):
+    """The body is not JSON this API reads: not JSON at all, ambiguous, or nested too deeply."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two readers of one document must never see two different requests: with duplicates,
+    # some parsers keep the first value and some the last, so refuse them outright.
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise RequestJsonError(f"duplicate key {key[:100]!r}: a name may appear only once in an object")
+        document[key] = value
+    return document
+
+
+def _no_constant(name: str) -> Any:
+    raise RequestJsonError(f"{name} is not JSON (JSON numbers are finite)")
+
+
+def load_request_json(body: bytes) -> Any:
+    """Parse a request body as strict JSON: no duplicate keys, no NaN/Infinity, bounded nesting.
+
+    The standard library parses it because it keeps lone surrogates, which carry raw bytes
+    (``\\udcff`` is byte 0xff, as in ``os.fsdecode``); pydantic's parser refuses them.
+    """
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RequestJsonError:
+        raise
+    except RecursionError:
+        raise RequestJsonError("body is nested too deeply to be a request") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        # ValueError also covers integers of more than 4300 digits (int's own limit).
+        raise RequestJsonError(f"body is not valid JSON: {str(error)[:200]}") from None
 
 
 def _reject_nul(value: str, what: str) -> str:

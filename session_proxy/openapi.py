@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -22,16 +22,29 @@ from .models import (
 
 REF = "#/components/schemas/{model}"
 ERRORS = {
-    "400": "Body is not valid JSON (malformed_request)",
+    "400": "Body is not strict JSON: not JSON, a duplicate key, NaN/Infinity, nested too deeply "
+    "(malformed_request); or the request is not valid HTTP/1.1 (malformed_http)",
     "401": "No or wrong bearer token, when --auth-token-file is set (unauthorized)",
-    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-* (bad_host, browser_request)",
+    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-*, or a request "
+    "target naming another host (bad_host, browser_request, bad_target)",
+    "408": "The body did not arrive within --body-timeout (body_timeout); the connection is closed",
     "413": "Body larger than the configured maximum (body_too_large)",
-    "415": "Content-Type not application/json, or any Content-Encoding (unsupported_media_type)",
+    "415": "Content-Type not application/json (unsupported_media_type), any Content-Encoding "
+    "(content_encoding), a Transfer-Encoding other than chunked (transfer_encoding)",
     "422": "A field is invalid; `fields` says which and why (invalid_request)",
     "429": "Rate or concurrency limit; see Retry-After (rate_limited, concurrency_limit)",
     "502": "The backend (Kubernetes API server) failed (backend_error)",
     "503": "Workspace not ready or proxy shutting down; see Retry-After (not_ready, shutting_down)",
+    "505": "Not HTTP/1.1: the event stream is chunked, which needs HTTP/1.1 (http_version)",
 }
+# What the server refuses beyond the models' types, in JSON Schema terms, so that a body the
+# document accepts is one the server accepts (byte lengths, checked in UTF-8, and lone
+# surrogates other than \udc80-\udcff cannot be said in JSON Schema; the descriptions say it).
+# `$(?!\n)`: the end in both ECMA-262 and Python, whose `$` also matches before a final newline.
+NO_NUL: Final = "^[^\\x00]*$"
+ABSOLUTE_PATH: Final = "^/[^\\x00]*$"
+ENV_NAME: Final = "^[A-Za-z_][A-Za-z0-9_]*$(?!\\n)"
+BASE64: Final = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?!\\n)"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -46,8 +59,40 @@ def _error_responses(*codes: str) -> dict[str, Any]:
     return {code: _json(ErrorBody, ERRORS[code]) for code in codes}
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}], "default": None}
+
+
+def _exec_request_schema(schema: dict[str, Any], max_timeout: float | None) -> None:
+    """Add to the request body's schema every rule the server checks that JSON Schema can say."""
+    properties = schema["properties"]
+    argument = {"type": "string", "pattern": NO_NUL}
+    properties["command"].update(
+        prefixItems=[{**argument, "minLength": 1}],
+        items=argument,
+        description=properties["command"]["description"]
+        + "; the program (first item) non-empty; no NUL; at most 256 KiB in all (UTF-8)",
+    )
+    workdir = {"type": "string", "pattern": ABSOLUTE_PATH, "maxLength": 4096}
+    properties["workdir"].update(
+        _nullable(workdir), description="absolute working directory, at most 4096 bytes (UTF-8), no NUL"
+    )
+    properties["env"].update(
+        propertyNames={"pattern": ENV_NAME},
+        additionalProperties={"type": "string", "pattern": NO_NUL},
+    )
+    properties["stdin_b64"].update(_nullable({"type": "string", "pattern": BASE64}))
+    timeout: dict[str, Any] = {"type": "number", "exclusiveMinimum": 0}
+    if max_timeout is not None:
+        timeout["maximum"] = max_timeout
+    properties["timeout"].update(_nullable(timeout))
+    both_stdins = {"stdin": {"type": "string"}, "stdin_b64": {"type": "string"}}
+    schema["not"] = {"required": ["stdin", "stdin_b64"], "properties": both_stdins}
+
+
 @functools.cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(max_timeout: float | None = None) -> dict[str, Any]:
+    """The document; ``max_timeout`` (the server's setting) bounds ``timeout`` in the schema."""
     models: list[type[BaseModel]] = [
         ExecRequest,
         StartEvent,
@@ -60,6 +105,7 @@ def openapi_document() -> dict[str, Any]:
     ]
     _, schema = models_json_schema([(m, "serialization") for m in models], ref_template=REF)
     schemas = schema["$defs"]
+    _exec_request_schema(schemas["ExecRequest"], max_timeout)
     event_union = {"oneOf": [_ref(m) for m in (StartEvent, WaitingEvent, OutputEvent, ExitEvent)]}
     schemas["ExecEvent"] = {**event_union, "discriminator": {"propertyName": "type"}}
     guarded = _error_responses("401", "403")
@@ -89,7 +135,9 @@ def openapi_document() -> dict[str, Any]:
                                 "application/x-ndjson": {"schema": {"$ref": REF.format(model="ExecEvent")}}
                             },
                         },
-                        **_error_responses("400", "401", "403", "413", "415", "422", "429", "502", "503"),
+                        **_error_responses(
+                            "400", "401", "403", "408", "413", "415", "422", "429", "502", "503", "505"
+                        ),
                     },
                 }
             },

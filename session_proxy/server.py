@@ -22,7 +22,9 @@ from aiohttp import web
 
 from .app import create_app, create_ops_app
 from .backends.base import ExecBackend
+from .http_protocol import ProxyAppRunner
 from .keys import SUPERVISOR
+from .log_throttle import LogThrottle
 from .settings import Settings, TcpAddress, UnixAddress
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class ProxyServer:
     def __init__(self, settings: Settings, *, backend: ExecBackend | None = None) -> None:
         self.settings = settings
         self.exec_app = create_app(settings, backend=backend)
+        self._log_throttle = LogThrottle()
         self._runners: list[web.AppRunner] = []
         self._exec_runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -58,15 +61,21 @@ class ProxyServer:
         self.exec_url = ""
         self.ops_url: str | None = None
 
+    def _runner(self, app: web.Application) -> web.AppRunner:
+        # A refused body is still read (and dropped) for at most --body-timeout, then closed.
+        options = {**SERVER_OPTIONS, "lingering_time": self.settings.body_timeout}
+        return ProxyAppRunner(app, **options)  # type: ignore[arg-type]
+
     async def start(self) -> None:
-        runner = web.AppRunner(self.exec_app, **SERVER_OPTIONS)  # type: ignore[arg-type]
+        self._log_throttle.install()
+        runner = self._runner(self.exec_app)
         await runner.setup()
         self._runners.append(runner)
         self._exec_runner = runner
         await self._bind_exec(runner)
         ops = self.settings.ops_address
         if ops is not None:
-            ops_runner = web.AppRunner(create_ops_app(self.exec_app), **SERVER_OPTIONS)  # type: ignore[arg-type]
+            ops_runner = self._runner(create_ops_app(self.exec_app))
             await ops_runner.setup()
             self._runners.append(ops_runner)
             site = web.TCPSite(ops_runner, ops.host, ops.port)
@@ -127,6 +136,7 @@ class ProxyServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        self._log_throttle.uninstall()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

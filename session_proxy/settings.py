@@ -135,6 +135,7 @@ class Settings(BaseModel):
     idle_timeout: float = Field(0, ge=0, description="seconds without output; 0 disables")
     max_output_bytes: int = Field(16 * MiB, ge=1, description="per exec, stdout+stderr")
     max_body_bytes: int = Field(1 * MiB, ge=1024, description="largest /exec request body")
+    body_timeout: float = Field(5, gt=0, description="seconds a request body may take to arrive before 408")
     rate_limit: float = Field(20, ge=0, description="requests per second; 0 disables")
     rate_burst: int = Field(40, ge=1, description="requests allowed at once before the rate applies")
     rate_limit_wait: float = Field(

@@ -28,6 +28,7 @@ from .models import ExitReason
 from .ndjson import EventStream
 from .settings import Settings
 from .supervisor import Supervisor
+from .transport import drain_or_abort
 from .utf8 import Utf8Splitter
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ class ExecRun:
                 await self._events.end()
         except (TimeoutError, ConnectionError):
             log.warning("client did not take the exit event", extra={"exec_id": self._spec.exec_id})
+        await drain_or_abort(self._request.transport, timeout)
 
     async def _send_waiting(self, message: str) -> None:
         self._waiting = True

@@ -79,7 +79,9 @@ async def test_openapi_document_is_valid_and_complete(
     validate(document)
     assert set(document["paths"]) == {"/exec", "/status", "/logs", "/healthz", "/openapi.json"}
     exec_responses = document["paths"]["/exec"]["post"]["responses"]
-    assert set(exec_responses) == {"200", "400", "401", "403", "413", "415", "422", "429", "502", "503"}
+    assert set(exec_responses) == {
+        "200", "400", "401", "403", "408", "413", "415", "422", "429", "502", "503", "505"
+    }  # fmt: skip
     schemas = document["components"]["schemas"]
     assert schemas["ExecRequest"]["additionalProperties"] is False
     for name in ("StartEvent", "OutputEvent", "ExitEvent", "WaitingEvent", "ErrorBody"):
