@@ -62,10 +62,13 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``Cache-Control: no-store`` and ``X-Content-Type-Options: nosniff`` on every answer."""
-    if not response.prepared:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
+    """``Cache-Control: no-store`` and ``X-Content-Type-Options: nosniff`` on every answer.
+
+    The hook runs inside ``prepare``, before the headers are sent (``response.prepared`` is
+    already true there, so it cannot serve as a guard).
+    """
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def create_app(

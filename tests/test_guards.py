@@ -258,3 +258,27 @@ async def test_too_many_headers_are_refused(proxy: RunningProxy) -> None:
     extra = "".join(f"X-H{i}: v\n" for i in range(20))
     status, _, _ = await raw_request(proxy.port, post(f"Host: 127.0.0.1:{proxy.port}\n", extra=extra))
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/healthz", None),
+        ("GET", "/status", None),
+        ("GET", "/openapi.json", None),
+        ("POST", "/exec", {"command": ["true"]}),
+        ("POST", "/exec", {"command": []}),
+    ],
+)
+async def test_every_answer_forbids_caching_and_sniffing(
+    make_proxy: ProxyFactory, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    """Successes and errors alike carry no-store and nosniff: nothing the proxy says is cached."""
+    proxy = await make_proxy()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, proxy.url + path, json=body) as answer,
+    ):
+        await answer.read()
+        assert answer.headers.get("Cache-Control") == "no-store"
+        assert answer.headers.get("X-Content-Type-Options") == "nosniff"
