@@ -131,7 +131,8 @@ class ExecRequest(BaseModel):
         _reject_nul(workdir, "workdir")
         if not workdir.startswith("/"):
             raise ValueError("workdir must be an absolute path (start with '/')")
-        if len(workdir.encode()) > MAX_PATH_BYTES:
+        # Measured as the bytes it stands for: \udc80-\udcff are raw bytes, as in argv and env.
+        if len(workdir.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
             raise ValueError(f"workdir is longer than {MAX_PATH_BYTES} bytes")
         return workdir
 

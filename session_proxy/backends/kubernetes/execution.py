@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from ...models import Guarantees
+from ...models import ExitReason, Guarantees
 from ..base import ExitDrain, ExitStatus, OutputChunk, next_output
 from .exec_stream import STDOUT, ExecStream
 from .wrapper import Marker, MarkerFilter
@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 EXIT_AFTER_KILL_TIMEOUT: Final = 5.0
 WORKDIR_ERROR: Final = "workdir cannot be used in the workspace (missing, or not a directory)"
+# The wrapper ended the command itself: said by a marker just before the exit status, so the
+# status (143, 137) is never mistaken for the command's own.
+ENDED_BY_WRAPPER: Final[dict[str, tuple[ExitReason, str]]] = {
+    "deadline": ("timeout", "the workspace wrapper's backstop deadline ended the command"),
+    "gone": ("transport_lost", "the exec stream's input closed, so the workspace wrapper ended the command"),
+}
 
 
 def explain_exec_failure(status: ExitStatus) -> ExitStatus:
@@ -58,6 +64,7 @@ class KubernetesExecution:
         self._pgid: int | None = None
         self._exit: ExitStatus | None = None
         self._exit_reported = False  # the wrapper said the command ended (else it may still run)
+        self._ended_by: str | None = None  # the wrapper's reason, when it ended the command itself
         self._stream_over = False
         self._drain = ExitDrain()
         self._feeder = asyncio.create_task(self._feed(stdin), name="kube-stdin") if stdin else None
@@ -112,14 +119,24 @@ class KubernetesExecution:
             self._on_marker(marker)
 
     def _on_marker(self, marker: Marker) -> None:
+        if self._exit_reported:
+            return  # the first report of the end stands
         if marker.kind == "pgid" and marker.value.isdigit():
             self._pgid = int(marker.value)
+        elif marker.kind in ENDED_BY_WRAPPER:
+            self._ended_by = marker.kind
         elif marker.kind == "exit" and marker.value.isdigit():
-            self._exit = ExitStatus(int(marker.value))
+            self._exit = self._exit_of(int(marker.value))
             self._exit_reported = True
         elif marker.kind == "error":
             self._exit_reported = True
             self._exit = self._wrapper_error(marker.value)
+
+    def _exit_of(self, code: int) -> ExitStatus:
+        if self._ended_by is None:
+            return ExitStatus(code)
+        reason, message = ENDED_BY_WRAPPER[self._ended_by]
+        return ExitStatus(code, reason=reason, message=message)
 
     def _wrapper_error(self, what: str) -> ExitStatus:
         if what == "notfound":

@@ -6,95 +6,46 @@ the URL (and so in the API server's audit log). So the exec URL only ever says
 every value escaped byte by byte as ``\\0ooo`` so the script recovers it with ``printf %b``,
 which decodes data and never evaluates it. The user's stdin bytes follow the header.
 
-The script runs the command in its own session (``setsid``), reports its process group and,
-later, its exit status as markers on stderr that carry a random per-exec nonce (the command
-never sees the nonce, so it cannot forge them). It kills the group itself when its own stdin
-reaches EOF (the proxy or its client is gone, even if the proxy crashed) and when the deadline
-passes. Needs only POSIX sh with ``setsid``, ``head``, ``cat`` and ``sleep``; works in dash,
-bash and busybox.
+The scripts are package files beside this module (``wrapper.sh`` documents the header and the
+markers; ``kill.sh`` is the second exec that ends a group from outside; ``probe.sh`` lists the
+tools an image lacks), linted by shellcheck. ``end_group.sh``, the one TERM, grace, KILL loop,
+is put in front of both scripts that kill. They are read once, at import, with their comments
+left out: the script travels in every exec URL.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from importlib import resources
 from typing import Final
 
 PROTOCOL_TAG: Final = "SP1"
 MARKER_DELIMITER: Final = b"\x1e"
 SHELL: Final = "/bin/sh"
 
-# $1..: nothing. All inputs come from stdin; see encode_header for the order.
-WRAPPER_SCRIPT: Final = r"""
-d() { v=$(printf '%bx' "$1"); v=${v%x}; }
-r() { IFS= read -r "$1" || exit 90; }
-r tag; r nonce; r deadline; r grace; r nstdin; r wd; r n
-[ "$tag" = SP1 ] || exit 91
-mk() { printf '\036SP%s:%s\036' "$nonce" "$1" >&2; }
-while [ "$n" -gt 0 ]; do r e; d "$e"; export "$v" || { mk error:env; exit 0; }; n=$((n-1)); done
-r n; set --
-while [ "$n" -gt 0 ]; do r e; d "$e"; set -- "$@" "$v"; n=$((n-1)); done
-if [ -n "$wd" ]; then d "$wd"; cd "$v" 2>/dev/null || { mk error:workdir; exit 0; }; fi
-command -v "$1" >/dev/null 2>&1 || { mk error:notfound; exit 0; }
-main=$$ stop=
-trap 'stop=gone' USR1
-trap 'stop=deadline' USR2
-# An asynchronous list reads /dev/null unless told otherwise (POSIX), so stdin goes via fd 3.
-# The feeder hands the command exactly nstdin bytes, then leaves the dead-man switch behind
-# (outside the job, so `wait` is about the command alone): EOF on our stdin ends the group.
-exec 3<&0
-# Without setsid (a rare image) the command runs in our group: only it can be killed, not its
-# children; the start event then says kill is not guaranteed.
-S=setsid; command -v setsid >/dev/null 2>&1 || S=
-# (exec redirections, not `{ } 2>...`: dash would keep the real stderr on a saved fd that the
-# dead-man inherits, holding the stream open.)
-if [ "$nstdin" -gt 0 ]; then
-  ( exec 2>/dev/null; head -c "$nstdin" <&3; exec >&-; { cat <&3 >/dev/null; kill -USR1 "$main"; } & ) |
-    $S "$@" 3<&- &
-  pid=$!
-else  # no input: fewer processes, the same dead-man switch
-  $S "$@" </dev/null 3<&- &
-  pid=$!
-  ( exec >/dev/null 2>&1; cat <&3; kill -USR1 "$main" ) &
-fi
-# From here on a report that cannot be written (the stream is gone) must not stop the clean-up.
-trap '' PIPE
-mk "pgid:$pid"
-( exec </dev/null >/dev/null 2>&1 3<&-; trap 'kill "$s"; exit 0' TERM
-  sleep "$deadline" & s=$!; wait "$s"; kill -USR2 "$main" ) &
-timer=$!
-# Spelled for dash too: its kill takes `-s SIG -- -PGID` and `-0 -PGID`, not `-TERM -- -PGID`.
-end() {
-  t=-$pid; [ -n "$S" ] || t=$pid
-  kill -s TERM -- "$t" 2>/dev/null; i=0
-  while kill -0 "$t" 2>/dev/null && [ "$i" -lt "$grace" ]; do sleep 1; i=$((i+1)); done
-  kill -s KILL -- "$t" 2>/dev/null
-}
-wait "$pid"; st=$?
-if [ -n "$stop" ]; then end; wait "$pid"; st=$?; mk "$stop"; fi
-mk "exit:$st"
-kill "$timer" 2>/dev/null
-end
-exit 0
-"""
 
-# Lists the tools the wrapper needs that the image lacks (empty output: all there).
-PROBE_SCRIPT: Final = (
-    'for t in setsid head cat sleep; do command -v "$t" >/dev/null 2>&1 || printf "%s " "$t"; done'
-)
+def load_script(*names: str) -> str:
+    """The named package scripts joined, without comment lines, blank lines or indentation.
 
-# Kills a process group: stdin carries the group id and the grace, so the URL stays constant.
-KILL_SCRIPT: Final = r"""
-IFS= read -r p; IFS= read -r g
-case "$p" in ''|*[!0-9]*) exit 2;; esac
-t=-$p
-kill -0 "$t" 2>/dev/null || t=$p  # not a group: the image had no setsid
-kill -s TERM -- "$t" 2>/dev/null || exit 0
-i=0
-while kill -0 "$t" 2>/dev/null && [ "$i" -lt "$g" ]; do sleep 1; i=$((i+1)); done
-kill -s KILL -- "$t" 2>/dev/null
-exit 0
-"""
+    Safe because the scripts keep no multi-line strings; a comment is only ever a whole line.
+    """
+    package = resources.files(__name__.rpartition(".")[0])
+    lines = []
+    for name in names:
+        for line in (package / name).read_text(encoding="utf-8").splitlines():
+            code = line.strip()
+            if code and not code.startswith("#"):
+                lines.append(code)
+    return "\n".join(lines) + "\n"
+
+
+# All inputs come from stdin; see wrapper.sh (and encode_header) for the order.
+WRAPPER_SCRIPT: Final = load_script("end_group.sh", "wrapper.sh")
+# Stdin: the process group id, then the grace in seconds.
+KILL_SCRIPT: Final = load_script("end_group.sh", "kill.sh")
+# Prints the tools the wrapper needs that the image lacks (empty output: all there).
+PROBE_SCRIPT: Final = load_script("probe.sh")
 
 
 def escape(value: bytes) -> str:

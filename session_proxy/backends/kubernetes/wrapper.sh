@@ -1,0 +1,211 @@
+# shellcheck shell=sh
+# The wrapper: runs one command in the workspace for session-proxy. Needs end_group.sh in front.
+#
+# Every exec runs the same argv, `/bin/sh -c <this script>`, so no user value reaches the exec
+# URL (or the API server's audit log). The inputs arrive on stdin instead: a header of lines,
+# then exactly STDIN_LENGTH bytes for the command. Values are escaped byte by byte as \0ooo,
+# which `printf %b` decodes and never evaluates.
+#
+#   SP1                 protocol tag
+#   NONCE               32 hex digits, carried by every marker
+#   DEADLINE            the backstop: whole seconds from the end of the header
+#   GRACE               whole seconds between TERM and KILL
+#   STDIN_LENGTH        bytes of stdin for the command, right after the header
+#   WORKDIR             escaped; an empty line keeps the current directory
+#   N                   then N lines: environment entries NAME=VALUE, escaped
+#   M                   then M lines (M >= 1): the argv, escaped
+#
+# Reports are markers on stderr, \036SP<NONCE>:<kind>\036 (the command never sees the nonce):
+#   pgid:<id>           the command's process group (its pid; a bare pid without setsid)
+#   deadline | gone     the wrapper is ending the command itself: the backstop passed, or its
+#                       stdin reached EOF (the proxy or its client is gone)
+#   exit:<status>       the command ended, $? style (128+N for signal N)
+#   error:workdir | error:env | error:notfound
+#                       the command could not be started; nothing ran
+#
+# The wrapper's own variables all start with __sp_, and the request's environment is applied
+# in the command's process alone (__sp_exec_command), after every tool the wrapper needs was
+# found: no name or value in it (PATH, IFS, __sp_*, ...) can change what the wrapper does.
+
+__sp_require_number() {
+    case $1 in '' | *[!0-9]*) exit 91 ;; esac
+}
+
+# Decodes an escaped value into __sp_value. The x keeps trailing newlines, which command
+# substitution would strip.
+__sp_decode() {
+    __sp_value=$(printf '%bx' "$1")
+    __sp_value=${__sp_value%x}
+}
+
+__sp_mark() {
+    printf '\036SP%s:%s\036' "$__sp_nonce" "$1" >&2
+}
+
+# These two run in a subshell, with positional parameters laid out as
+#   ENTRY... -- PROGRAM [SETSID --] ARGV...
+# Once the first entry is exported they read no variable (a name in the request may have
+# replaced it), only their parameters, builtins and the `case` syntax.
+#
+# Tries the environment and looks the program up with the request's PATH, as the command will
+# be: exit 0 when both work, 127 when the program is not found, else the environment failed.
+# This is a trial in a throwaway subshell because an entry can be refused (a read-only
+# variable, such as bash's UID) and bash in POSIX mode then exits instead of returning.
+__sp_check_command() {
+    while :; do
+        case $1 in --) shift && break ;; esac
+        # shellcheck disable=SC2163 # $1 is NAME=VALUE, exported as such
+        export "$1" || exit 1
+        shift
+    done
+    command -v -- "$1" >/dev/null 2>&1 || exit 127
+}
+
+# Becomes the command: exports the environment, then execs setsid (by the full path found
+# before, never through the request's PATH) or, without it, the argv itself.
+__sp_exec_command() {
+    while :; do
+        case $1 in --) shift && break ;; esac
+        # shellcheck disable=SC2163
+        export "$1"
+        shift
+    done
+    shift
+    exec "$@"
+}
+
+# ---- Per pod: nothing here depends on the request. ----------------------------------------
+__sp_setsid=$(command -v setsid 2>/dev/null) || __sp_setsid=
+
+# ---- The header, read in one step; after it only the command's own work is left. ----------
+# `IFS= read -r` keeps each line as it is, and `read` takes a pipe byte by byte, so the
+# command's stdin after the header stays unread. A short header (stdin closed early) ends us.
+IFS= read -r __sp_tag || exit 90
+[ "$__sp_tag" = SP1 ] || exit 91
+IFS= read -r __sp_nonce || exit 90
+IFS= read -r __sp_deadline || exit 90
+__sp_require_number "$__sp_deadline"
+IFS= read -r __sp_grace || exit 90
+__sp_require_number "$__sp_grace"
+IFS= read -r __sp_stdin_length || exit 90
+__sp_require_number "$__sp_stdin_length"
+IFS= read -r __sp_workdir || exit 90
+set --
+IFS= read -r __sp_count || exit 90
+__sp_require_number "$__sp_count"
+while [ "$__sp_count" -gt 0 ]; do
+    IFS= read -r __sp_entry || exit 90
+    __sp_decode "$__sp_entry"
+    set -- "$@" "$__sp_value"
+    __sp_count=$((__sp_count - 1))
+done
+IFS= read -r __sp_count || exit 90
+__sp_require_number "$__sp_count"
+[ "$__sp_count" -gt 0 ] || exit 91
+IFS= read -r __sp_entry || exit 90
+__sp_decode "$__sp_entry"
+set -- "$@" -- "$__sp_value"
+if [ -n "$__sp_setsid" ]; then
+    # setsid's options end at `--`, so a program named like one (-f) is still the program.
+    set -- "$@" "$__sp_setsid" --
+fi
+set -- "$@" "$__sp_value"
+__sp_count=$((__sp_count - 1))
+while [ "$__sp_count" -gt 0 ]; do
+    IFS= read -r __sp_entry || exit 90
+    __sp_decode "$__sp_entry"
+    set -- "$@" "$__sp_value"
+    __sp_count=$((__sp_count - 1))
+done
+
+# ---- The command. --------------------------------------------------------------------------
+if [ -n "$__sp_workdir" ]; then
+    __sp_decode "$__sp_workdir"
+    cd "$__sp_value" 2>/dev/null || {
+        __sp_mark error:workdir
+        exit 0
+    }
+fi
+(__sp_check_command "$@") >/dev/null 2>&1
+case $? in
+    0) ;;
+    127)
+        __sp_mark error:notfound
+        exit 0
+        ;;
+    *)
+        __sp_mark error:env
+        exit 0
+        ;;
+esac
+
+__sp_main=$$
+__sp_stop=
+__sp_interrupted=
+trap '__sp_stop=${__sp_stop:-gone} __sp_interrupted=1' USR1
+trap '__sp_stop=${__sp_stop:-deadline} __sp_interrupted=1' USR2
+# A background command reads /dev/null unless told otherwise (POSIX), so our stdin is kept
+# on fd 3. The feeder hands the command exactly STDIN_LENGTH bytes and then leaves the
+# dead-man switch behind, outside the command's job: EOF on our stdin means the proxy or its
+# client is gone (the API server half-closes it when the stream dies), and ends the command.
+# Redirections are done with exec, not `{ } 2>...`: dash would keep the real stderr on a saved
+# fd that the dead-man inherits, holding the stream open.
+exec 3<&0
+if [ "$__sp_stdin_length" -gt 0 ]; then
+    (
+        exec 2>/dev/null
+        head -c "$__sp_stdin_length" <&3
+        exec >&-
+        { cat <&3 >/dev/null; kill -USR1 "$__sp_main"; } &
+    ) | __sp_exec_command "$@" 3<&- &
+    __sp_pid=$!
+else
+    __sp_exec_command "$@" </dev/null 3<&- &
+    __sp_pid=$!
+    (
+        exec >/dev/null 2>&1
+        cat <&3
+        kill -USR1 "$__sp_main"
+    ) &
+fi
+# From here on a report that cannot be written (the stream is gone) must not stop the rest.
+trap '' PIPE
+# With setsid the command leads its own group (a background job of a shell without job
+# control is no group leader, so setsid does not fork): its pid is the group's id.
+__sp_group=$__sp_pid
+[ -z "$__sp_setsid" ] || __sp_group=-$__sp_pid
+__sp_mark "pgid:$__sp_pid"
+# The backstop. A sleep that cannot run (it failed, rather than slept) fires nothing.
+(
+    exec </dev/null >/dev/null 2>&1 3<&-
+    trap 'kill -TERM "$__sp_sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$__sp_deadline" &
+    __sp_sleeper=$!
+    wait "$__sp_sleeper" && kill -USR2 "$__sp_main"
+) &
+__sp_timer=$!
+
+# `wait` returns early, with a status over 128, when a trapped signal arrives (POSIX): then
+# the command is still there. When the signal asks us to end it, the group is ended beside
+# us, so that we go on waiting for (and reaping) the command, and report its real status.
+__sp_ender=
+while :; do
+    __sp_interrupted=
+    wait "$__sp_pid"
+    __sp_status=$?
+    if [ -z "$__sp_interrupted" ] || ! kill -0 "$__sp_pid" 2>/dev/null; then
+        break
+    fi
+    if [ -n "$__sp_stop" ] && [ -z "$__sp_ender" ]; then
+        __sp_end_group "$__sp_group" "$__sp_grace" </dev/null >/dev/null 2>&1 &
+        __sp_ender=$!
+    fi
+done
+[ -z "$__sp_ender" ] || __sp_mark "$__sp_stop"
+__sp_mark "exit:$__sp_status"
+kill -TERM "$__sp_timer" 2>/dev/null
+# Whatever the command left in its group (`sleep 300 &`) is ended too.
+if [ -z "$__sp_ender" ]; then
+    __sp_end_group "$__sp_group" "$__sp_grace"
+fi
+exit 0
