@@ -151,6 +151,7 @@ class Fault:
     frame_bytes: int | None = None
     stall: bool = False
     no_status: bool = False
+    user_agent: str | None = None  # substring of the User-Agent, e.g. "-kill" for kill execs
 
 
 EXEC_FAULT = web.RequestKey("exec_fault", Fault)
@@ -234,6 +235,9 @@ class KubeApiServer:
         self.history = PodHistory()
         self._stopping = False
         self.on_exec: Callable[[FakePod, list[str]], None] | None = None
+        # An exec process's stdin stays open after its client left (a runtime that never closes
+        # it), so a wrapper's dead-man switch cannot fire: only the kill exec can end it.
+        self.keep_stdin_open = False
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._ca = trustme.CA()
@@ -351,6 +355,8 @@ class KubeApiServer:
             if fault.times == 0 or fault.path not in request.path:
                 continue
             if fault.method and fault.method != request.method:
+                continue
+            if fault.user_agent and fault.user_agent not in request.headers.get("User-Agent", ""):
                 continue
             if fault.drop_after_bytes is not None:
                 request[DROP_AFTER] = fault.drop_after_bytes
@@ -736,7 +742,7 @@ class ExecSession:
         process = self.process
         if process is None:
             return
-        if process.stdin is not None:
+        if process.stdin is not None and not self.server.keep_stdin_open:
             process.stdin.close()
         transport = getattr(process, "_transport", None)
         if transport is not None:
