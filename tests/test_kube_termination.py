@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .conftest import (
     TOKEN,
@@ -24,6 +25,13 @@ from .conftest import (
     survivors,
     wait_for_processes,
 )
+from .kube_api_server import Fault
+
+
+def kill_execs(api: Any, exec_id: str) -> list[Any]:
+    """The kill execs the proxy made for one exec, known by the User-Agent it gives them."""
+    agent = f"exec_id={exec_id}-kill"
+    return [r for r in api.exec_requests() if r.headers.get("User-Agent", "").endswith(agent)]
 
 
 async def test_timeout_kills_the_group(
@@ -35,19 +43,41 @@ async def test_timeout_kills_the_group(
     assert final(events)["reason"] == "timeout"
     assert (final(events)["exit_code"], final(events)["signal"]) == (None, None)
     assert await survivors(marker, within=3) == []
-    kill_execs = [r for r in kube_setup.api.exec_requests() if "KILL" in str(r.query)]
-    assert kill_execs, "the proxy should kill through a second exec"
+    assert kill_execs(kube_setup.api, events[0]["exec_id"]), "the proxy should kill through a second exec"
 
 
-async def test_term_ignoring_group_gets_kill(
+@pytest.mark.parametrize("shell", ["dash", "bash", "busybox sh"])
+async def test_term_ignoring_group_gets_kill_from_the_kill_exec(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str,
+    shell: str,
+) -> None:  # fmt: skip
+    """A group that ignores TERM is killed with KILL after the grace by the kill exec alone:
+    the exec's stdin stays open after the proxy leaves, so the dead-man switch cannot fire,
+    and the backstop deadline is a minute away."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"}, shell=shell)
+    kube.keep_stdin_open = True
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, idle_timeout=1)
+    body = {"command": forking(marker, "trap '' TERM; "), "timeout": 60}
+    events = await exec_events(http, proxy, body)
+    assert final(events)["reason"] == "idle_timeout"
+    assert await survivors(marker, within=5) == []
+    assert kill_execs(kube, events[0]["exec_id"])
+
+
+async def test_dead_man_switch_alone_ends_the_group(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
 ) -> None:
-    """A group that ignores TERM is killed with KILL after the grace."""
-    events = await exec_events(
-        http, kube_setup.proxy, {"command": forking(marker, "trap '' TERM; "), "timeout": 1}
+    """With every kill exec failing, a client that hangs up still leaves nothing running: the
+    wrapper sees its stdin close and ends the group itself (the backstop is a minute away)."""
+    kube_setup.api.faults.append(Fault("/exec", status=500, times=-1, user_agent="-kill"))
+    response = await http.post(
+        f"{kube_setup.proxy.url}/exec", json={"command": forking(marker), "timeout": 60}
     )
-    assert final(events)["reason"] == "timeout"
-    assert await survivors(marker, within=5) == []
+    start = json.loads(await response.content.readline())
+    await wait_for_processes(marker, 2)
+    response.close()
+    assert await survivors(marker, within=20) == []
+    assert kill_execs(kube_setup.api, start["exec_id"]), "a kill exec was tried (and refused)"
 
 
 async def test_idle_timeout(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
