@@ -204,8 +204,11 @@ done
 [ -z "$__sp_ender" ] || __sp_mark "$__sp_stop"
 __sp_mark "exit:$__sp_status"
 kill -TERM "$__sp_timer" 2>/dev/null
-# Whatever the command left in its group (`sleep 300 &`) is ended too.
+# Whatever the command left in its group (`sleep 300 &`) is ended too, after a moment: a
+# child forked just before the command exited may still be on its way to a session of its
+# own (`setsid server ... &` as a command's last words). The exit is reported already.
 if [ -z "$__sp_ender" ]; then
+    sleep 1
     __sp_end_group "$__sp_group" "$__sp_grace"
 fi
 exit 0
