@@ -1,0 +1,86 @@
+"""The workspace scripts on their own, run by dash, bash and busybox sh as an image would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from session_proxy.backends.kubernetes.wrapper import KILL_SCRIPT, PROBE_SCRIPT, WRAPPER_SCRIPT
+
+SHELLS = [["dash"], ["bash"], ["busybox", "sh"]]
+SCRIPTS = {"wrapper": WRAPPER_SCRIPT, "kill": KILL_SCRIPT, "probe": PROBE_SCRIPT}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_scripts_parse_and_carry_no_comments(shell: list[str]) -> None:
+    """Each script, as sent in the exec URL, parses in each shell, with its comments and
+    indentation left at home."""
+    for name, script in SCRIPTS.items():
+        result = subprocess.run([*shell, "-n", "-c", script], capture_output=True, check=False)
+        assert result.returncode == 0, (name, result.stderr)
+        assert not [line for line in script.splitlines() if line.startswith(("#", " "))], name
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+@pytest.mark.parametrize("group", ["0", "00", "", "x", "-3", "3 4"])
+def test_kill_script_refuses_what_is_not_a_group_id(shell: list[str], group: str) -> None:
+    """A group id that is not a number above 1 is refused (exit 2): `kill -TERM -0` would hit
+    the kill exec's own group. (1, every process, is refused the same way; not run here.)"""
+    result = subprocess.run(
+        [*shell, "-c", KILL_SCRIPT], input=f"{group}\n1\n".encode(), capture_output=True,
+        start_new_session=True, timeout=20, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_kill_script_wakes_a_stopped_group_to_take_its_term(shell: list[str], tmp_path: Path) -> None:
+    """A stopped group gets CONT after TERM, so it ends through its TERM handler within the
+    grace instead of being KILLed unawares."""
+    flag = tmp_path / "termed"
+    script = f"trap 'echo > {flag}; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    with subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True) as group:
+        try:
+            assert group.stdout is not None
+            assert group.stdout.readline() == b"ready\n"
+            # Not /usr/bin/kill: procps-ng 4.0.2 turns `kill -STOP -PGID` into kill(-1, SIGSTOP).
+            os.killpg(group.pid, signal.SIGSTOP)
+            wait_until_stopped(group.pid)
+            result = subprocess.run(
+                [*shell, "-c", KILL_SCRIPT], input=f"{group.pid}\n2\n".encode(), capture_output=True,
+                timeout=20, check=False,
+            )  # fmt: skip
+            assert result.returncode == 0, result
+            assert group.wait(timeout=10) == 0
+            assert flag.exists(), "the group was KILLed, never having seen its TERM"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group.pid, signal.SIGKILL)
+
+
+def wait_until_stopped(pgid: int, within: float = 10.0) -> None:
+    """Until no member of the group runs: each is stopped (T), or is a parent held in vfork
+    (D) by a child stopped before its exec, as dash does it."""
+    deadline = time.monotonic() + within
+    while True:
+        states = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[2] == str(pgid):
+                states.append(fields[0])
+        if "T" in states and set(states) <= {"T", "D"}:
+            return
+        assert time.monotonic() < deadline, f"the group never stopped: {states}"
+        time.sleep(0.01)
