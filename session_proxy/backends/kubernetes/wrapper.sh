@@ -169,6 +169,7 @@ else
     ) &
 fi
 # From here on a report that cannot be written (the stream is gone) must not stop the rest.
+# Only now: a signal ignored before the command started would stay ignored in it.
 trap '' PIPE
 # With setsid the command leads its own group (a background job of a shell without job
 # control is no group leader, so setsid does not fork): its pid is the group's id.
