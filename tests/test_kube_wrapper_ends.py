@@ -166,3 +166,15 @@ async def test_detached_process_outlives_its_command(
     finally:
         for process in processes_with(detached):
             process.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash", "busybox sh"])
+async def test_command_does_not_inherit_an_ignored_sigpipe(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, shell: str
+) -> None:
+    """The wrapper ignores SIGPIPE for its own reports only: the command starts with it at the
+    default, so `producer | head` ends quietly instead of failing with broken-pipe errors."""
+    kube_setup.pod.shell = shell
+    events = await exec_events(http, kube_setup.proxy, {"command": ["grep", "SigIgn", "/proc/self/status"]})
+    ignored = int(output_of(events, "stdout").split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)), hex(ignored)
