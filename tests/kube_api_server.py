@@ -152,6 +152,7 @@ class Fault:
     stall: bool = False
     no_status: bool = False
     user_agent: str | None = None  # substring of the User-Agent, e.g. "-kill" for kill execs
+    close_stdin_after_frames: int | None = None  # then EOF on the process's stdin, stream kept
 
 
 EXEC_FAULT = web.RequestKey("exec_fault", Fault)
@@ -597,6 +598,7 @@ class ExecSession:
         self.streams = streams
         self.drop_after = request.get(DROP_AFTER)
         self.fault = request.get(EXEC_FAULT) or Fault(path="")
+        self.stdin_frames = 0
         self.sent = 0
         self.process: asyncio.subprocess.Process | None = None
         self.last_frame = asyncio.get_running_loop().time()  # either way, pings included
@@ -725,6 +727,9 @@ class ExecSession:
                 with contextlib.suppress(ConnectionError):
                     process.stdin.write(payload)
                     await process.stdin.drain()
+                self.stdin_frames += 1
+                if self.stdin_frames == self.fault.close_stdin_after_frames:
+                    process.stdin.close()  # as an API server half-closing stdin upstream
             elif channel == 255 and self.protocol == V5 and payload == b"\x00" and process.stdin:
                 process.stdin.close()
         # The client went away: stdin EOF and the output pipes closed; the process keeps running.

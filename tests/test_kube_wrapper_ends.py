@@ -28,12 +28,13 @@ from .conftest import (
     ProxyProcess,
     exec_events,
     final,
+    forking,
     output_of,
     processes_with,
     survivors,
     wait_for_processes,
 )
-from .kube_api_server import V4, V5
+from .kube_api_server import V4, V5, Fault
 
 EVERYTHING = Guarantees(workdir=True, env=True, stdin=True, kill=True)
 
@@ -178,3 +179,17 @@ async def test_command_does_not_inherit_an_ignored_sigpipe(
     events = await exec_events(http, kube_setup.proxy, {"command": ["grep", "SigIgn", "/proc/self/status"]})
     ignored = int(output_of(events, "stdout").split()[1], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1)), hex(ignored)
+
+
+async def test_stdin_closed_upstream_is_reported_as_transport_lost(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """Through the proxy: when the exec's stdin is closed upstream while the stream lives on,
+    the wrapper's dead-man switch ends the group and the exit says transport_lost, not 143."""
+    await exec_events(http, kube_setup.proxy, {"command": ["true"]})  # the image probe, done
+    kube_setup.api.faults.append(Fault("/exec", close_stdin_after_frames=1))
+    events = await exec_events(http, kube_setup.proxy, {"command": forking(marker), "timeout": 20})
+    exit_event = final(events)
+    assert (exit_event["reason"], exit_event["exit_code"]) == ("transport_lost", 128 + 15)
+    assert "wrapper" in exit_event["message"]
+    assert await survivors(marker) == []
