@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from session_proxy.backends.kubernetes.wrapper import KILL_SCRIPT, PROBE_SCRIPT, WRAPPER_SCRIPT
+from session_proxy.backends.kubernetes.wrapper import KILL_SCRIPT, PROBE_SCRIPT, WRAPPER_SCRIPT, encode_header
+
+from .conftest import processes_with
 
 SHELLS = [["dash"], ["bash"], ["busybox", "sh"]]
 SCRIPTS = {"wrapper": WRAPPER_SCRIPT, "kill": KILL_SCRIPT, "probe": PROBE_SCRIPT}
@@ -84,3 +86,29 @@ def wait_until_stopped(pgid: int, within: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, f"the group never stopped: {states}"
         time.sleep(0.01)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_stdin_closing_at_once_still_ends_the_command(shell: list[str], marker: str) -> None:
+    """Stdin that closes right after the header (a client gone at once) ends the command every
+    time, even when the stop comes before the command has reached its own group."""
+    header = encode_header(nonce="ab" * 16, argv=["sh", "-c", f"sleep {marker} & sleep {marker}"],
+                           workdir=None, env={}, stdin_length=0, deadline=60, grace=1)  # fmt: skip
+    hung = 0
+    for _ in range(40):
+        with subprocess.Popen(
+            [*shell, "-c", WRAPPER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        ) as wrapper:  # fmt: skip
+            assert wrapper.stdin is not None
+            wrapper.stdin.write(header)
+            wrapper.stdin.close()
+            try:
+                wrapper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                hung += 1
+                os.killpg(wrapper.pid, signal.SIGKILL)
+                for process in processes_with(marker):
+                    process.kill()
+    assert hung == 0

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 EXIT_AFTER_KILL_TIMEOUT: Final = 5.0
 WORKDIR_ERROR: Final = "workdir cannot be used in the workspace (missing, or not a directory)"
 # The wrapper ended the command itself: said by a marker just before the exit status, so the
-# status (143, 137) is never mistaken for the command's own.
+# status (143, 137) is never mistaken for the command's own. As on every early end, the exit
+# code is then left out: the reason says it all.
 ENDED_BY_WRAPPER: Final[dict[str, tuple[ExitReason, str]]] = {
     "deadline": ("timeout", "the workspace wrapper's backstop deadline ended the command"),
     "gone": ("transport_lost", "the exec stream's input closed, so the workspace wrapper ended the command"),
@@ -136,7 +137,7 @@ class KubernetesExecution:
         if self._ended_by is None:
             return ExitStatus(code)
         reason, message = ENDED_BY_WRAPPER[self._ended_by]
-        return ExitStatus(code, reason=reason, message=message)
+        return ExitStatus(None, reason=reason, message=message)
 
     def _wrapper_error(self, what: str) -> ExitStatus:
         if what == "notfound":

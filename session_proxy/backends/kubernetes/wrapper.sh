@@ -142,8 +142,31 @@ esac
 __sp_main=$$
 __sp_stop=
 __sp_interrupted=
-trap '__sp_stop=${__sp_stop:-gone} __sp_interrupted=1' USR1
-trap '__sp_stop=${__sp_stop:-deadline} __sp_interrupted=1' USR2
+__sp_group=
+__sp_ender=
+# A stop (USR1 from the dead-man switch, USR2 from the backstop) starts ending the group right
+# where it lands, beside us, so that we go on waiting for (and reaping) the command and report
+# its real status. One that lands before the group is known is taken up once it is.
+__sp_on_stop() {
+    __sp_stop=${__sp_stop:-$1}
+    __sp_interrupted=1
+    if [ -n "$__sp_group" ] && [ -z "$__sp_ender" ]; then
+        __sp_end_command "$__sp_pid" "$__sp_group" "$__sp_grace" </dev/null >/dev/null 2>&1 &
+        __sp_ender=$!
+    fi
+}
+
+# Ends the command's group ($2) once it exists: a stop can come before the command's process
+# ($1) has reached setsid, and a TERM to a group not yet there would be lost.
+__sp_end_command() {
+    while ! kill -0 "$2" 2>/dev/null; do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1 2>/dev/null || sleep 1
+    done
+    __sp_end_group "$2" "$3"
+}
+trap '__sp_on_stop gone' USR1
+trap '__sp_on_stop deadline' USR2
 # A background command reads /dev/null unless told otherwise (POSIX), so our stdin is kept
 # on fd 3. The feeder hands the command exactly STDIN_LENGTH bytes and then leaves the
 # dead-man switch behind, outside the command's job: EOF on our stdin means the proxy or its
@@ -171,11 +194,6 @@ fi
 # From here on a report that cannot be written (the stream is gone) must not stop the rest.
 # Only now: a signal ignored before the command started would stay ignored in it.
 trap '' PIPE
-# With setsid the command leads its own group (a background job of a shell without job
-# control is no group leader, so setsid does not fork): its pid is the group's id.
-__sp_group=$__sp_pid
-[ -z "$__sp_setsid" ] || __sp_group=-$__sp_pid
-__sp_mark "pgid:$__sp_pid"
 # The backstop. A sleep that cannot run (it failed, rather than slept) fires nothing.
 (
     exec </dev/null >/dev/null 2>&1 3<&-
@@ -185,11 +203,20 @@ __sp_mark "pgid:$__sp_pid"
     wait "$__sp_sleeper" && kill -USR2 "$__sp_main"
 ) &
 __sp_timer=$!
+# Only now is the group known to a stop: an ender started by a trap before this point would
+# have taken the place of $! that the lines above read.
+# With setsid the command leads its own group (a background job of a shell without job
+# control is no group leader, so setsid does not fork): its pid is the group's id.
+__sp_mark "pgid:$__sp_pid"
+if [ -n "$__sp_setsid" ]; then
+    __sp_group=-$__sp_pid
+else
+    __sp_group=$__sp_pid
+fi
+[ -z "$__sp_stop" ] || __sp_on_stop "$__sp_stop"
 
-# `wait` returns early, with a status over 128, when a trapped signal arrives (POSIX): then
-# the command is still there. When the signal asks us to end it, the group is ended beside
-# us, so that we go on waiting for (and reaping) the command, and report its real status.
-__sp_ender=
+# `wait` returns early, with a status over 128, when a trapped signal arrives (POSIX): the
+# command is then still there, or not yet reaped, and is waited for again.
 while :; do
     __sp_interrupted=
     wait "$__sp_pid"
@@ -197,11 +224,11 @@ while :; do
     if [ -z "$__sp_interrupted" ] || ! kill -0 "$__sp_pid" 2>/dev/null; then
         break
     fi
-    if [ -n "$__sp_stop" ] && [ -z "$__sp_ender" ]; then
-        __sp_end_group "$__sp_group" "$__sp_grace" </dev/null >/dev/null 2>&1 &
-        __sp_ender=$!
-    fi
 done
+# The command is over: a stop from now on (the proxy closing the stream after the exit) ends
+# nothing early; what is left is ended below.
+__sp_leftovers=$__sp_group
+__sp_group=
 [ -z "$__sp_ender" ] || __sp_mark "$__sp_stop"
 __sp_mark "exit:$__sp_status"
 kill -TERM "$__sp_timer" 2>/dev/null
@@ -210,6 +237,6 @@ kill -TERM "$__sp_timer" 2>/dev/null
 # own (`setsid server ... &` as a command's last words). The exit is reported already.
 if [ -z "$__sp_ender" ]; then
     sleep 1
-    __sp_end_group "$__sp_group" "$__sp_grace"
+    __sp_end_group "$__sp_leftovers" "$__sp_grace"
 fi
 exit 0
