@@ -1,7 +1,7 @@
 # shellcheck shell=sh
 # Ends a process group for good; shared by the wrapper and the kill exec (each is sent with
 # this file in front). TERM, then CONT (a stopped process cannot act on TERM), up to GRACE
-# seconds for the group to go, then KILL, as process_group.py does on the local backend.
+# seconds for the group to go, then KILL, as process_tree.py does on the local backend.
 #   $1: the target as kill takes it: -PGID for a group, or a PID (a command without setsid)
 #   $2: GRACE, whole seconds
 # kill is spelled `kill -SIG TARGET`, the one form dash, bash and busybox all accept:
