@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def markdown_table(report: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first table after ``heading``, each as {column: cell}."""
+    lines = report[report.index(heading) :].splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
+    header, separator, *body = rows
+    assert all(set(cell) <= {"-", ":"} for cell in separator), separator
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
 @pytest.mark.timeout(300)
 def test_bench_runs_quick(tmp_path: Path) -> None:
-    """`bench/run.py --quick` produces every section of the report, with every contender."""
+    """`bench/run.py --quick` produces every section of the report with every contender, and
+    the concurrency table shows every contender at every level with zero failed execs."""
     out = tmp_path / "report.md"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
@@ -23,6 +36,12 @@ def test_bench_runs_quick(tmp_path: Path) -> None:
     report = out.read_text()
     for heading in ("## Round trip", "## Streaming throughput", "## Concurrency", "## Footprint"):
         assert heading in report
-    for contender in ("proxy-kube", "kubectl", "direct-ws", "proxy-local", "subprocess"):
-        assert f"| {contender} |" in report
-    assert "| 0 |" in report  # the error column: no failed execs
+    latency = {row["contender"] for row in markdown_table(report, "## Round trip")}
+    assert latency == {"proxy-kube", "kubectl", "direct-ws", "direct-ws+wrapper", "proxy-local", "subprocess"}
+    throughput = {row["contender"] for row in markdown_table(report, "## Streaming throughput")}
+    assert throughput == {"proxy-kube", "kubectl", "direct-ws", "proxy-local", "subprocess"}
+    concurrency = markdown_table(report, "## Concurrency")
+    levels = {(row["contender"], row["streams"]) for row in concurrency}
+    assert levels == {(name, level) for name in ("proxy-kube", "proxy-local", "direct-ws") for level in "12"}
+    errors = {(row["contender"], row["streams"]): row["errors"] for row in concurrency}
+    assert set(errors.values()) == {"0"}, errors
