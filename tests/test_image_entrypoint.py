@@ -78,6 +78,11 @@ async def test_installed_entrypoint_runs_in_cluster_mode(
         process = subprocess.Popen(command, env=env, stderr=log_file, cwd=tmp_path)
     try:
         urls = await _listening(log_path, process)
+        # The variables reach the settings: both listeners moved off the image's fixed ports.
+        assert urls["exec_url"].startswith("http://127.0.0.1:")
+        assert urls["ops_url"].startswith("http://127.0.0.1:")
+        assert not urls["exec_url"].endswith(":8081")
+        assert not urls["ops_url"].endswith(":9464")
         async with http.get(f"{urls['ops_url']}/readyz") as response:
             assert response.status == 200, await response.text()
         client = await asyncio.create_subprocess_exec(
@@ -113,4 +118,25 @@ def test_image_env_names_are_real_settings() -> None:
     _, image_env = dockerfile_runtime()
     known = {env_name(name) for name in Settings.model_fields}
     assert {k for k in image_env if k.startswith("SESSION_PROXY_")} <= known
-    assert os.environ.get("SESSION_PROXY_LISTEN") is None
+
+
+def test_image_env_loads_and_matches_the_exposed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image's variables, read as `serve` reads them, are valid settings: the exec API on
+    loopback, ops on every interface, each on a port the Dockerfile EXPOSEs."""
+    from session_proxy.cli import build_parser, settings_from
+    from session_proxy.settings import TcpAddress
+
+    _, image_env = dockerfile_runtime()
+    for name in list(os.environ):
+        if name.startswith("SESSION_PROXY_") or name in ("KUBERNETES_SERVICE_HOST", "SESSION_NAME"):
+            monkeypatch.delenv(name)
+    settings = settings_from(build_parser().parse_args(["serve"]), image_env)
+    exec_address, ops_address = settings.listen_address, settings.ops_address
+    assert isinstance(exec_address, TcpAddress)
+    assert exec_address.is_loopback
+    assert ops_address is not None
+    assert ops_address.host == "0.0.0.0"
+    final_stage = (ROOT / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    exposed = {int(port) for line in re.findall(r"^EXPOSE (.*)$", final_stage, re.M) for port in line.split()}
+    assert exposed == {exec_address.port, ops_address.port}
+    assert settings.log_format == image_env["SESSION_PROXY_LOG_FORMAT"]
