@@ -75,14 +75,24 @@ async def test_output_arrives_while_the_command_runs(
 
 
 async def test_utf8_split_across_writes_is_reassembled(
-    http: aiohttp.ClientSession, proxy: RunningProxy
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
 ) -> None:
-    """A character written one byte at a time, with pauses, still arrives as text."""
-    script = r"printf '\342'; sleep 0.2; printf '\202'; sleep 0.2; printf '\254 ok\n'"
-    events = await exec_events(http, proxy, {"command": ["sh", "-c", script]})
-    stdout_events = [e for e in events if e["type"] == "stdout"]
+    """A character cut between two reads arrives whole, as text: the command writes `x` and the
+    euro sign's first byte, and writes the rest only after the client has received the `x` alone."""
+    gate = tmp_path / "gate"
+    script = rf"printf 'x\342'; while [ ! -e {gate} ]; do sleep 0.01; done; printf '\202\254 ok\n'"
+    stdout_events = []
+    async with http.post(
+        f"{proxy.url}/exec", json={"command": ["sh", "-c", script], "timeout": 30}
+    ) as response:
+        async for raw in response.content:
+            event = json.loads(raw)
+            if event["type"] == "stdout":
+                stdout_events.append(event)
+                gate.touch()  # the first read is in; only now may the rest be written
+    assert stdout_events[0] == {"type": "stdout", "data": "x"}
     assert all("data" in e for e in stdout_events), stdout_events
-    assert "".join(e["data"] for e in stdout_events) == "€ ok\n"
+    assert "".join(e["data"] for e in stdout_events) == "x€ ok\n"
 
 
 async def test_binary_output_is_lossless(
