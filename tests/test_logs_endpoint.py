@@ -1,0 +1,77 @@
+"""`GET /logs?tail=N`: the workspace container's last N lines on Kubernetes (0 to 10000, default
+100), a clear 422 for any other tail, and a JSON 404 on the local backend, which has no log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import KubeSetup, RunningProxy
+
+BAD_TAILS = ["-1", "10001", "abc", "1.5", "", "0x10", "1e3", " 5"]
+
+
+def log_requests(kube: Any) -> list[Any]:
+    return [r for r in kube.requests if r.path.endswith("/log")]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("query", ["", "?tail=5", "?tail=0"])
+async def test_local_backend_has_no_log(http: aiohttp.ClientSession, proxy: RunningProxy, query: str) -> None:
+    """The local backend answers a valid /logs with a JSON 404 that says /logs is for Kubernetes."""
+    async with http.get(f"{proxy.url}/logs{query}") as response:
+        assert response.status == 404
+        error = (await response.json())["error"]
+    assert error["code"] == "not_found"
+    assert "kubernetes backend" in error["message"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("tail", BAD_TAILS)
+async def test_bad_tail_is_422_on_the_local_backend(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tail: str
+) -> None:
+    """A tail that is not a whole number from 0 to 10000 is refused with 422 naming `tail`."""
+    async with http.get(f"{proxy.url}/logs", params={"tail": tail}) as response:
+        assert response.status == 422
+        error = (await response.json())["error"]
+    assert error["code"] == "invalid_request"
+    assert [f["field"] for f in error["fields"]] == ["tail"]
+    assert "0" in error["message"]
+    assert "10000" in error["message"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api_mode", ["modern"])
+@pytest.mark.parametrize("tail", BAD_TAILS)
+async def test_bad_tail_never_reaches_the_api_server(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, tail: str
+) -> None:
+    """On Kubernetes a bad tail is refused with 422 before any log request is made."""
+    async with http.get(f"{kube_setup.proxy.url}/logs", params={"tail": tail}) as response:
+        assert response.status == 422
+        assert [f["field"] for f in (await response.json())["error"]["fields"]] == ["tail"]
+    assert log_requests(kube_setup.api) == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api_mode", ["modern"])
+@pytest.mark.parametrize(
+    ("query", "lines"), [("", 100), ("?tail=0", 0), ("?tail=7", 7), ("?tail=10000", 10000)]
+)
+async def test_tail_asks_for_that_many_lines(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, query: str, lines: int
+) -> None:
+    """A tail from 0 to 10000 (100 when absent) is asked of the API server as tailLines, and
+    the container's last lines come back as text/plain."""
+    kube_setup.pod.log_lines = [f"line {i}" for i in range(12_000)]
+    async with http.get(f"{kube_setup.proxy.url}/logs{query}") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    assert text == "".join(f"line {i}\n" for i in range(12_000 - lines, 12_000))
+    (request,) = log_requests(kube_setup.api)
+    assert dict(request.query)["tailLines"] == str(lines)
+    assert dict(request.query)["container"] == "workspace"
