@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -49,16 +51,26 @@ async def test_metrics_after_a_few_execs(http: aiohttp.ClientSession, make_proxy
 
 
 async def test_each_app_has_its_own_registry(http: aiohttp.ClientSession, make_proxy: ProxyFactory) -> None:
-    """Two proxies in one process do not share counters (no global registry)."""
+    """Two proxies in one process do not share counters (no global registry): an exec on the
+    first is counted there and not on the second, whose exposition is otherwise complete."""
     first = await make_proxy()
     second = await make_proxy()
     await exec_events(http, first, {"command": ["true"]})
-    async with http.get(f"{second.ops_url}/metrics") as response:
-        text = await response.text()
-    assert 'session_proxy_exec_requests_total{outcome="exited"} 0.0' in text
+    exposed = {}
+    for name, proxy in (("first", first), ("second", second)):
+        async with http.get(f"{proxy.ops_url}/metrics") as response:
+            assert response.status == 200
+            exposed[name] = samples(await response.text())
+    executed = ("session_proxy_exec_requests_total", (("outcome", "exited"),))
+    assert exposed["first"][executed] == 1
+    assert exposed["second"][executed] == 0  # watched series exist from the start, at 0
+    assert exposed["second"][("session_proxy_exec_in_flight", ())] == 0
+    assert ("session_proxy_build_info", (("backend", "local"), ("version", "0.1.0"))) in exposed["second"]
 
 
-async def test_status_describes_the_backend(http: aiohttp.ClientSession, proxy: RunningProxy) -> None:
+async def test_status_describes_the_backend(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
+) -> None:
     """/status names the backend, readiness and limits."""
     async with http.get(f"{proxy.url}/status") as response:
         status = await response.json()
@@ -67,7 +79,7 @@ async def test_status_describes_the_backend(http: aiohttp.ClientSession, proxy: 
     assert status["in_flight"] == 0
     assert status["max_concurrent"] == 10
     assert status["draining"] is False
-    assert "root" in status["target"]
+    assert status["target"]["root"] == str(tmp_path.resolve())
 
 
 async def test_openapi_document_is_valid_and_complete(
@@ -101,14 +113,15 @@ async def test_probes_report_readiness(http: aiohttp.ClientSession, proxy: Runni
 async def test_one_log_line_per_exec_with_digest(
     http: aiohttp.ClientSession, proxy: RunningProxy, caplog: pytest.LogCaptureFixture, level: int
 ) -> None:
-    """Each exec logs one line with id, digest, outcome and bytes; the argv only at debug level."""
+    """Each exec logs one line with id, digest, outcome and bytes; the argv only at debug level.
+    The digest is a SHA-256 of the command: the same for the same argv, different otherwise."""
     caplog.set_level(level, logger="session_proxy.streaming")
     events = await exec_events(http, proxy, {"command": ["echo", "s3cret-argument"]})
     records = [r for r in caplog.records if r.getMessage() == "exec finished"]
     assert len(records) == 1
     record = records[0].__dict__
     assert record["exec_id"] == events[0]["exec_id"]
-    assert record["argv_sha256"].startswith("sha256:")
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", record["argv_sha256"])
     assert record["outcome"] == "exited"
     assert record["exit_code"] == 0
     assert record["stdout_bytes"] == len("s3cret-argument\n")
@@ -118,3 +131,13 @@ async def test_one_log_line_per_exec_with_digest(
         assert "s3cret-argument" not in caplog.text
     else:
         assert record["argv"] == ["echo", "s3cret-argument"]
+    for command in (
+        ["echo", "s3cret-argument"],
+        ["echo", "s3cret-argument2"],
+        ["echo", "s3cret", "-argument"],
+    ):
+        await exec_events(http, proxy, {"command": command})
+    digests = [r.__dict__["argv_sha256"] for r in caplog.records if r.getMessage() == "exec finished"]
+    assert len(digests) == 4
+    assert digests[1] == digests[0]
+    assert len({digests[0], digests[2], digests[3]}) == 3
