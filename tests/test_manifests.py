@@ -73,6 +73,7 @@ def test_renders_every_object(name: str) -> None:
 def test_objects_match_the_kubernetes_schemas(rendered: Objects) -> None:
     """Every object is valid (strictly: no unknown fields) for the Kubernetes API."""
     examples = [yaml.safe_load(p.read_text()) for p in (ROOT / "manifests" / "examples").glob("*.yaml")]
+    assert examples, "manifests/examples/*.yaml: nothing to validate"
     for obj in [*rendered, *examples]:
         if not obj["apiVersion"].startswith(CUSTOM_GROUPS):
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
