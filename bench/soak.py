@@ -77,6 +77,7 @@ class Results:
     client_gone: float = 0
     in_flight: float = 0
     log_levels: dict[str, int] = field(default_factory=dict)
+    log_errors: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     done: int = 0
 
@@ -151,12 +152,16 @@ class Proxy:
         """No connection open on either listener: what is left are its own sockets and files."""
         return all(c.status == psutil.CONN_LISTEN for c in self.ps.net_connections("inet"))
 
-    def log_levels(self) -> dict[str, int]:
+    def log_levels(self) -> tuple[dict[str, int], list[str]]:
+        """Lines per level, and the first lines above info (with their tracebacks)."""
         levels: dict[str, int] = {}
+        notable = []
         for line in self.log.read_text().splitlines():
             level = json.loads(line).get("level", "?") if line.startswith("{") else "unparsed"
             levels[level] = levels.get(level, 0) + 1
-        return levels
+            if level not in ("info", "debug") and len(notable) < 20:
+                notable.append(line[:4000])
+        return levels, notable
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -373,7 +378,7 @@ async def soak(plan: Plan, progress: Callable[[str], None]) -> Results:
         await Soak(proxy, results, progress).run()
     finally:
         code = proxy.stop()
-        results.log_levels = proxy.log_levels()
+        results.log_levels, results.log_errors = proxy.log_levels()
         if code != 0:
             results.failures.append(f"the proxy exited {code} on SIGTERM")
         for process in processes_with(results.marker):
@@ -395,7 +400,7 @@ def main() -> None:
     plan = Plan.quick() if arguments.quick else Plan()
     results = asyncio.run(soak(plan, lambda line: print(line, file=sys.stderr, flush=True)))
     print(render(results))
-    for failure in (results.failures + results.leftovers)[:20]:
+    for failure in (results.failures + results.leftovers + results.log_errors)[:20]:
         print(f"  {failure}", file=sys.stderr)
     if arguments.json:
         arguments.json.write_text(

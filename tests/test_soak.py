@@ -38,7 +38,7 @@ def test_every_exec_succeeds(soak: dict[str, Any]) -> None:
     plan = soak["plan"]
     assert (plan["sequential"], plan["concurrent"], plan["cancelled"]) == (1000, 1000, 100)
     assert soak["failures"] == []
-    assert soak["summary"]["error_log_lines"] == 0, soak["log_levels"]
+    assert soak["summary"]["error_log_lines"] == 0, soak["log_errors"]
 
 
 @pytest.mark.timeout(180)
