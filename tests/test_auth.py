@@ -61,6 +61,35 @@ async def test_the_right_token_is_accepted(
     assert final(events)["exit_code"] == 0
 
 
+@pytest.mark.timeout(30)
+async def test_near_misses_of_the_token_get_401(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Only exactly `Bearer <token>` passes: the token with a byte more or less, without the
+    scheme or with another separator is refused, and so no command runs."""
+    path = tmp_path / "token"
+    proxy = await make_proxy(auth_token_file=str(path))
+    token = path.read_text().strip()
+    near_misses = [
+        f"Bearer {token}x", f"Bearer {token[:-1]}", token, f"Bearer  {token}",
+        f"Bearer\t{token}", f"Token {token}", f"Bearer {token.upper()}",
+    ]  # fmt: skip
+    marker = tmp_path / "ran"
+    for header in near_misses:
+        body = {"command": ["touch", str(marker)]}
+        async with http.post(f"{proxy.url}/exec", json=body, headers={"Authorization": header}) as response:
+            assert response.status == 401, header
+    assert not marker.exists()
+    async with http.post(
+        f"{proxy.url}/exec",
+        json={"command": ["touch", str(marker)]},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        assert response.status == 200
+        await response.read()
+    assert marker.exists()
+
+
 async def test_an_existing_token_file_is_used(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     """A token the platform wrote itself is used as is; one too short to be a secret stops start-up."""
     from session_proxy.app import StartupFailed
