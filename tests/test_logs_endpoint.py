@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from .conftest import KubeSetup, RunningProxy
+from .conftest import KubeSetup, ProxyFactory, RunningProxy, kube_proxy
 
 BAD_TAILS = ["-1", "10001", "abc", "1.5", "", "0x10", "1e3", " 5"]
 
@@ -75,3 +76,34 @@ async def test_tail_asks_for_that_many_lines(
     (request,) = log_requests(kube_setup.api)
     assert dict(request.query)["tailLines"] == str(lines)
     assert dict(request.query)["container"] == "workspace"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api_mode", ["modern"])
+async def test_logs_without_a_workspace_pod_is_503(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """No workspace pod to read from: 503 workspace_not_found with Retry-After, as JSON."""
+    kube.add_pod("other", labels={"session": "s2", "type": "workspace"})
+    proxy = await kube_proxy(kube, make_proxy, tmp_path)
+    async with http.get(f"{proxy.url}/logs") as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"]
+        assert (await response.json())["error"]["code"] == "workspace_not_found"
+    assert log_requests(kube) == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api_mode", ["modern"])
+async def test_logs_forbidden_is_502_quoting_the_api_server(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """RBAC denying pods/log: 502 backend_error carrying the API server's status and message."""
+    kube_setup.api.forbidden.add(("get", "pods/log"))
+    async with http.get(f"{kube_setup.proxy.url}/logs?tail=5") as response:
+        assert response.status == 502
+        error = (await response.json())["error"]
+    assert error["code"] == "backend_error"
+    assert "403" in error["message"]
+    assert "pods/log" in error["message"]
+    assert len(log_requests(kube_setup.api)) == 1
