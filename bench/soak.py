@@ -1,15 +1,17 @@
-"""Soak: thousands of execs through one real proxy on the local backend, checking nothing leaks.
+"""Soak: thousands of execs through one real proxy, checking that nothing leaks.
 
-    python bench/soak.py                     # 5,000 sequential, 5,000 at 20 concurrent, 500 cancelled
-    python bench/soak.py --quick             # 1,000 + 1,000 at 20 + 100 (the test suite runs this)
+    python bench/soak.py                       # 5,000 sequential, 5,000 at 20 concurrent, 500 cancelled
+    python bench/soak.py --quick               # 1,000 + 1,000 at 20 + 100 (the test suite runs this)
+    python bench/soak.py --backend kubernetes  # through the Kubernetes API test server
     python bench/soak.py --json results.json
 
 Every exec is checked (its exit code and both streams, byte for byte); cancelled execs are
 dropped by the client while their command is printing, with a background child holding a pipe.
-After each phase no process of the run may be left, the proxy may have no child, and every
-cancelled exec must be counted as `client_gone`. The proxy's RSS and open fds are sampled at
-the start (after a warm-up), every 1,000 execs and at the end; "quiet" samples are taken with
-no request in flight and the client's connections closed, so their fd counts compare exactly.
+After each phase no process of the run may be left (on Kubernetes: nothing left under the API
+test server either), the proxy may have no child, and every cancelled exec must be counted as
+`client_gone`. The proxy's RSS and open fds are sampled at the start (after a warm-up), every
+1,000 execs and at the end; "quiet" samples are taken with no request in flight and no client
+connection open, so their fd counts compare exactly.
 Exit status 1 if an exec failed, a process was left, an error was logged, or fds grew.
 """
 
@@ -71,6 +73,7 @@ class Sample:
 class Results:
     plan: Plan
     marker: str
+    backend: str = "local"
     samples: list[Sample] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
@@ -117,40 +120,75 @@ class Results:
         )
 
 
-class Proxy:
-    """`session-proxy serve` on the local backend, as its own process, logging to a file."""
+def wait_for_line(process: subprocess.Popen[bytes], log: Path, pattern: str) -> re.Match[str]:
+    deadline = time.monotonic() + 30
+    while not (match := re.search(pattern, log.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.args} did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return match
 
-    def __init__(self, work: Path) -> None:
+
+class Workspace:
+    """Where the commands run: this machine (local backend) or the Kubernetes API test server."""
+
+    def __init__(self, work: Path, backend: str) -> None:
+        self.backend = backend
+        self.server: subprocess.Popen[bytes] | None = None
+        self.flags = ["--backend", "local", "--local-root", str(work)]
+        if backend == "kubernetes":
+            log = work / "kube-api.log"
+            with log.open("wb") as file:
+                self.server = subprocess.Popen(
+                    [sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / "kube")],
+                    stdout=file, stderr=subprocess.STDOUT, cwd=ROOT,
+                )  # fmt: skip
+            kubeconfig = wait_for_line(self.server, log, r"kubeconfig: (\S+)").group(1)
+            self.flags = ["--backend", "kubernetes", "--kubeconfig", kubeconfig, "--session-name", "demo"]
+
+    def processes(self) -> list[psutil.Process]:
+        """What still runs in the workspace (the test server's descendants); none when local."""
+        return psutil.Process(self.server.pid).children(recursive=True) if self.server else []
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()
+            self.server.wait(timeout=30)
+
+
+class Proxy:
+    """`session-proxy serve` as its own process, logging to a file."""
+
+    def __init__(self, work: Path, workspace: Workspace) -> None:
         self.log = work / "proxy.log"
         command = [
-            sys.executable, "-m", "session_proxy", "serve", "--backend", "local",
-            "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0", "--local-root", str(work),
+            sys.executable, "-m", "session_proxy", "serve", *workspace.flags,
+            "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0",
             "--rate-limit", "0", "--max-concurrent", str(CONCURRENCY * 2), "--kill-grace", "2",
         ]  # fmt: skip
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL, cwd=ROOT)
         self.ps = psutil.Process(self.process.pid)
-        deadline = time.monotonic() + 30
-        pattern = re.compile(r'"exec_url": "([^"]+)", "ops_url": "([^"]+)"')
-        while not (match := pattern.search(self.log.read_text())):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy did not start: {self.log.read_text()}")
-            time.sleep(0.02)
+        match = wait_for_line(self.process, self.log, r'"exec_url": "([^"]+)", "ops_url": "([^"]+)"')
         self.url, self.ops_url = match.group(1), match.group(2)
+        self.ports = {int(self.url.rsplit(":", 1)[1]), int(self.ops_url.rsplit(":", 1)[1])}
 
-    def sample(self, point: str, execs: int, *, quiet: bool) -> Sample:
+    def sample(self, point: str, execs: int, *, quiet: bool, workspace_processes: int) -> Sample:
         return Sample(
             point=point,
             execs=execs,
             rss_mb=self.ps.memory_info().rss / MiB,
             fds=self.ps.num_fds(),
-            children=len(self.ps.children(recursive=True)),
+            children=len(self.ps.children(recursive=True)) + workspace_processes,
             quiet=quiet,
         )
 
-    def only_listening(self) -> bool:
-        """No connection open on either listener: what is left are its own sockets and files."""
-        return all(c.status == psutil.CONN_LISTEN for c in self.ps.net_connections("inet"))
+    def no_clients(self) -> bool:
+        """No connection open on either listener (its own connections to an API server may stay)."""
+        return all(
+            c.status == psutil.CONN_LISTEN or c.laddr.port not in self.ports
+            for c in self.ps.net_connections("inet")
+        )
 
     def log_levels(self) -> tuple[dict[str, int], list[str]]:
         """Lines per level, and the first lines above info (with their tracebacks)."""
@@ -230,8 +268,11 @@ async def one_cancelled(http: aiohttp.ClientSession, url: str, marker: str, numb
 
 
 class Soak:
-    def __init__(self, proxy: Proxy, results: Results, progress: Callable[[str], None]) -> None:
+    def __init__(
+        self, proxy: Proxy, workspace: Workspace, results: Results, progress: Callable[[str], None]
+    ) -> None:
         self.proxy = proxy
+        self.workspace = workspace
         self.results = results
         self.progress = progress
         self.gone_in_warm_up = 0.0
@@ -243,7 +284,7 @@ class Soak:
         if failure is not None:
             results.failures.append(failure)
         if results.done % SAMPLE_EVERY == 0:
-            sample = self.proxy.sample(f"during {self.phase}", results.done, quiet=False)
+            sample = self.sample(f"during {self.phase}", quiet=False)
             results.samples.append(sample)
             self.progress(f"{results.done} execs: RSS {sample.rss_mb:.1f} MB, {sample.fds} fds")
 
@@ -253,7 +294,7 @@ class Soak:
         await self._phase("warm-up", lambda http, n: one_cancelled(http, self.proxy.url, marker, n), 2, 1)
         self.results.done = 0
         self.gone_in_warm_up = self.results.client_gone
-        self.results.samples.append(self.proxy.sample("start", 0, quiet=True))
+        self.results.samples.append(self.sample("start", quiet=True))
         await self._phase(
             "sequential", lambda http, n: one_exec(http, self.proxy.url, marker, n), plan.sequential, 1
         )
@@ -294,7 +335,7 @@ class Soak:
         if counting:
             self.results.seconds[name] = round(time.monotonic() - started, 1)
             point = "end" if name == "cancelled" else f"after {name}"
-            self.results.samples.append(self.proxy.sample(point, self.results.done, quiet=True))
+            self.results.samples.append(self.sample(point, quiet=True))
 
     async def _settle(self, phase: str) -> None:
         """Wait (bounded) until every command of the run is gone and every exec is recorded."""
@@ -303,10 +344,10 @@ class Soak:
         while time.monotonic() < deadline:
             metrics = await self._metrics()
             busy = metrics.get("session_proxy_exec_in_flight", 0) > 0
-            if not processes_with(marker) and not self.proxy.ps.children(recursive=True) and not busy:
+            if not (processes_with(marker) or self.remaining()) and not busy:
                 break
             await asyncio.sleep(0.05)
-        left = processes_with(marker) + self.proxy.ps.children(recursive=True)
+        left = processes_with(marker) + self.remaining()
         for process in left:
             results.leftovers.append(f"after {phase}: pid {process.pid} {' '.join(process.cmdline())[:120]}")
             process.kill()
@@ -314,13 +355,21 @@ class Soak:
         gone = metrics.get('session_proxy_exec_requests_total{outcome="client_gone"}', 0)
         results.client_gone = gone - self.gone_in_warm_up
         results.in_flight = metrics.get("session_proxy_exec_in_flight", 0)
-        while time.monotonic() < deadline + 10 and not self.proxy.only_listening():
+        while time.monotonic() < deadline + 10 and not self.proxy.no_clients():
             await asyncio.sleep(0.05)  # connections the client closed, not yet closed by the proxy
         # Pipes are closed just after a command's group is gone: give that a moment, bounded.
         start = next((s for s in results.samples if s.point == "start"), None)
         settled = time.monotonic() + 5
         while start and self.proxy.ps.num_fds() > start.fds and time.monotonic() < settled:
             await asyncio.sleep(0.05)
+
+    def sample(self, point: str, *, quiet: bool) -> Sample:
+        processes = len(self.workspace.processes())
+        return self.proxy.sample(point, self.results.done, quiet=quiet, workspace_processes=processes)
+
+    def remaining(self) -> list[psutil.Process]:
+        """The proxy's children and whatever still runs in the workspace."""
+        return self.proxy.ps.children(recursive=True) + self.workspace.processes()
 
     async def _metrics(self) -> dict[str, float]:
         async with aiohttp.ClientSession() as http, http.get(f"{self.proxy.ops_url}/metrics") as response:
@@ -338,8 +387,9 @@ def render(results: Results) -> str:
     plan = results.plan
     lines = [
         f"Run on {date.today().isoformat()}, {psutil.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{platform.machine()}; `python bench/soak.py{' --quick' if plan == Plan.quick() else ''}` "
-        f"(one proxy process on the local backend).",
+        f"{platform.machine()}; `python bench/soak.py{' --quick' if plan == Plan.quick() else ''}"
+        f"{' --backend kubernetes' if results.backend == 'kubernetes' else ''}` "
+        f"(one proxy process on the {results.backend} backend).",
         "",
         f"{plan.sequential:,} execs one after another ({results.seconds.get('sequential', 0)} s), "
         f"{plan.concurrent:,} at {CONCURRENCY} concurrent ({results.seconds.get('concurrent', 0)} s), "
@@ -348,7 +398,7 @@ def render(results: Results) -> str:
         'Samples "during" a phase count its open client connections and running commands; the',
         "others are quiet (nothing in flight, every client connection closed) and compare exactly.",
         "",
-        "| point | execs | proxy RSS MB | proxy open fds | proxy children |",
+        "| point | execs | proxy RSS MB | proxy open fds | proxy children + workspace processes |",
         "|---|---|---|---|---|",
     ]
     for sample in results.samples:
@@ -370,14 +420,20 @@ def render(results: Results) -> str:
     return "\n".join(lines)
 
 
-async def soak(plan: Plan, progress: Callable[[str], None]) -> Results:
+async def soak(plan: Plan, backend: str, progress: Callable[[str], None]) -> Results:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-soak-"))
-    results = Results(plan=plan, marker=f"3600.{secrets.randbelow(10**9):09d}")
-    proxy = Proxy(work)
+    results = Results(plan=plan, marker=f"3600.{secrets.randbelow(10**9):09d}", backend=backend)
+    workspace = Workspace(work, backend)
     try:
-        await Soak(proxy, results, progress).run()
+        proxy = Proxy(work, workspace)
+    except Exception:
+        workspace.stop()
+        raise
+    try:
+        await Soak(proxy, workspace, results, progress).run()
     finally:
         code = proxy.stop()
+        workspace.stop()
         results.log_levels, results.log_errors = proxy.log_levels()
         if code != 0:
             results.failures.append(f"the proxy exited {code} on SIGTERM")
@@ -395,10 +451,17 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="1,000 + 1,000 + 100 execs instead of 5,000 + 5,000 + 500"
     )
+    parser.add_argument(
+        "--backend",
+        choices=["local", "kubernetes"],
+        default="local",
+        help="kubernetes: through the Kubernetes API test server (tests/kube_api_server.py)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     arguments = parser.parse_args()
     plan = Plan.quick() if arguments.quick else Plan()
-    results = asyncio.run(soak(plan, lambda line: print(line, file=sys.stderr, flush=True)))
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    results = asyncio.run(soak(plan, arguments.backend, progress))
     print(render(results))
     for failure in (results.failures + results.leftovers + results.log_errors)[:20]:
         print(f"  {failure}", file=sys.stderr)
