@@ -242,7 +242,7 @@ async def one_exec(http: aiohttp.ClientSession, url: str, marker: str, number: i
     got = (events[0]["type"], len(exits), events[-1]["type"], streams["stdout"], streams["stderr"])
     want = ("start", 1, "exit", f"out {number}\n", f"err {number}\n")
     if got != want:
-        return f"exec {number}: events {got} instead of {want}"
+        return f"exec {number}: events {got} instead of {want}; exit {exits[-1] if exits else None}"
     if (exits[0]["reason"], exits[0]["exit_code"]) != ("exited", number % 7):
         return f"exec {number}: ended {exits[0]}"
     return None
