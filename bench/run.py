@@ -230,6 +230,7 @@ class Contenders:
         token = await self.configuration.get_api_key_with_prefix("BearerToken")
         session: aiohttp.ClientSession = self.api.rest_client.pool_manager
         exit_marker = f"SP{nonce}:exit:".encode()
+        stderr = b""
         async with session.ws_connect(url, protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"),
                                       headers={"Authorization": token}, max_msg_size=0) as ws:  # fmt: skip
             await ws.send_bytes(b"\x00" + header)
@@ -237,8 +238,12 @@ class Contenders:
                 data = message.data
                 if len(data) > 1 and data[0] == 1 and sink is not None:
                     sink(data[1:])
-                elif len(data) > 1 and data[0] == 2 and exit_marker in data:
-                    break
+                elif len(data) > 1 and data[0] == 2:
+                    stderr += data[1:]
+            # stdout and stderr are separate streams: stdout written before the exit can come
+            # after the exit marker, so the stream is read to its end, not to the marker.
+            if exit_marker not in stderr:
+                raise RuntimeError("direct-ws+wrapper: the stream ended without the exit marker")
 
     async def via_kubectl(self, argv: list[str], sink: Callable[[bytes], None] | None) -> None:
         process = await asyncio.create_subprocess_exec(
