@@ -81,6 +81,7 @@ class Results:
     in_flight: float = 0
     log_levels: dict[str, int] = field(default_factory=dict)
     log_errors: list[str] = field(default_factory=list)
+    slot_waits: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     done: int = 0
 
@@ -248,13 +249,29 @@ async def one_exec(http: aiohttp.ClientSession, url: str, marker: str, number: i
     return None
 
 
-async def one_cancelled(http: aiohttp.ClientSession, url: str, marker: str, number: int) -> str | None:
-    """Start a streaming exec, read until its output flows, then hang up."""
+async def one_cancelled(
+    http: aiohttp.ClientSession, url: str, marker: str, number: int, on_full: Callable[[], None]
+) -> str | None:
+    """Start a streaming exec, read until its output flows, then hang up.
+
+    Dropped execs hold their slot until their command is gone, so a client dropping them back
+    to back can meet the concurrency cap: like a polite client it then waits for a slot.
+    """
     body = {"command": ["sh", "-c", STREAMING_SCRIPT, marker], "timeout": 600}
-    try:
-        response = await http.post(f"{url}/exec", json=body)
-    except (TimeoutError, aiohttp.ClientError) as error:
-        return f"cancelled {number}: {error!r}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            response = await http.post(f"{url}/exec", json=body)
+        except (TimeoutError, aiohttp.ClientError) as error:
+            return f"cancelled {number}: {error!r}"
+        if response.status != 429 or time.monotonic() > deadline:
+            break
+        text = await response.text()
+        response.close()
+        if '"concurrency_limit"' not in text:
+            return f"cancelled {number}: HTTP 429 {text[:200]}"
+        on_full()
+        await asyncio.sleep(0.05)
     try:
         if response.status != 200:
             return f"cancelled {number}: HTTP {response.status} {(await response.text())[:200]}"
@@ -291,7 +308,9 @@ class Soak:
     async def run(self) -> None:
         plan, marker = self.results.plan, self.results.marker
         await self._phase("warm-up", lambda http, n: one_exec(http, self.proxy.url, marker, n), WARM_UP, 1)
-        await self._phase("warm-up", lambda http, n: one_cancelled(http, self.proxy.url, marker, n), 2, 1)
+        await self._phase(
+            "warm-up", lambda http, n: one_cancelled(http, self.proxy.url, marker, n, self._slot_full), 2, 1
+        )
         self.results.done = 0
         self.gone_in_warm_up = self.results.client_gone
         self.results.samples.append(self.sample("start", quiet=True))
@@ -305,7 +324,10 @@ class Soak:
             CONCURRENCY,
         )
         await self._phase(
-            "cancelled", lambda http, n: one_cancelled(http, self.proxy.url, marker, n), plan.cancelled, 1
+            "cancelled",
+            lambda http, n: one_cancelled(http, self.proxy.url, marker, n, self._slot_full),
+            plan.cancelled,
+            1,
         )
 
     async def _phase(
@@ -363,6 +385,9 @@ class Soak:
         while start and self.proxy.ps.num_fds() > start.fds and time.monotonic() < settled:
             await asyncio.sleep(0.05)
 
+    def _slot_full(self) -> None:
+        self.results.slot_waits += 1
+
     def sample(self, point: str, *, quiet: bool) -> Sample:
         processes = len(self.workspace.processes())
         return self.proxy.sample(point, self.results.done, quiet=quiet, workspace_processes=processes)
@@ -412,6 +437,7 @@ def render(results: Results) -> str:
         f"| failed execs (wrong exit code or output, HTTP error) | {summary['errors']} |",
         f"| processes left after the run (command groups, background children) | {summary['leftover_processes']} |",
         f"| cancelled execs counted as `client_gone` | {summary['client_gone']:.0f} of {plan.cancelled} |",
+        f"| 429 `concurrency_limit` met while dropping execs (then waited for a slot) | {results.slot_waits} |",
         f"| open fds, start → end (quiet) | {summary['fds_start']} → {summary['fds_end']} |",
         f"| RSS, start → end (peak) | {summary['rss_start_mb']:.1f} → {summary['rss_end_mb']:.1f} MB "
         f"(× {summary['rss_ratio']:.2f}; peak {summary['rss_peak_mb']:.1f} MB) |",
