@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ MiB = 1024 * 1024
 SAMPLE_EVERY = 1000
 CONCURRENCY = 20
 WARM_UP = 20
+SPAWNER = "session_proxy.backends.spawner"
 # An exec prints a line on each stream and exits with a code that depends on its number.
 EXEC_SCRIPT = 'echo "out $1"; echo "err $1" >&2; exit $(($1 % 7))'
 # A cancelled exec: a background child holding the pipes, and output that never stops.
@@ -180,9 +182,20 @@ class Proxy:
             execs=execs,
             rss_mb=self.ps.memory_info().rss / MiB,
             fds=self.ps.num_fds(),
-            children=len(self.ps.children(recursive=True)) + workspace_processes,
+            children=len(self.command_processes()) + workspace_processes,
             quiet=quiet,
         )
+
+    def command_processes(self) -> list[psutil.Process]:
+        """The proxy's descendants, except its local backend's spawner (a helper it keeps for
+        its whole life); the spawner's own children (a leader per command) do count."""
+        found = []
+        for process in self.ps.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.ppid() == self.ps.pid and SPAWNER in " ".join(process.cmdline()):
+                    continue
+                found.append(process)
+        return found
 
     def no_clients(self) -> bool:
         """No connection open on either listener (its own connections to an API server may stay)."""
@@ -371,8 +384,10 @@ class Soak:
             await asyncio.sleep(0.05)
         left = processes_with(marker) + self.remaining()
         for process in left:
-            results.leftovers.append(f"after {phase}: pid {process.pid} {' '.join(process.cmdline())[:120]}")
-            process.kill()
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                command = " ".join(process.cmdline())[:120]
+                process.kill()
+                results.leftovers.append(f"after {phase}: pid {process.pid} {command}")
         metrics = await self._metrics()
         gone = metrics.get('session_proxy_exec_requests_total{outcome="client_gone"}', 0)
         results.client_gone = gone - self.gone_in_warm_up
@@ -394,7 +409,7 @@ class Soak:
 
     def remaining(self) -> list[psutil.Process]:
         """The proxy's children and whatever still runs in the workspace."""
-        return self.proxy.ps.children(recursive=True) + self.workspace.processes()
+        return self.proxy.command_processes() + self.workspace.processes()
 
     async def _metrics(self) -> dict[str, float]:
         async with aiohttp.ClientSession() as http, http.get(f"{self.proxy.ops_url}/metrics") as response:
@@ -465,7 +480,8 @@ async def soak(plan: Plan, backend: str, progress: Callable[[str], None]) -> Res
             results.failures.append(f"the proxy exited {code} on SIGTERM")
         for process in processes_with(results.marker):
             results.leftovers.append(f"after stop: pid {process.pid}")
-            process.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         subprocess.run(["rm", "-rf", str(work)], check=False)
     return results
 

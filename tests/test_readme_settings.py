@@ -27,6 +27,7 @@ PHRASES: dict[str, Callable[[Any], bool]] = {
     "off": lambda value: value is False,
     "unset": lambda value: value in (None, ""),
     "unset: no token": lambda value: value is None,
+    "unset: the backend's default": lambda value: value is None,
     "current directory": lambda value: value == Path.cwd().resolve(),
     "the standard service-account paths": lambda value: str(value).startswith(
         "/var/run/secrets/kubernetes.io/serviceaccount/"
