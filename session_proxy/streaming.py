@@ -106,10 +106,16 @@ class ExecRun:
             ended_by = await self._stream(execution)
             status, reason = await self._end(execution, ended_by)
             await self._finish(status, reason)
-        except (asyncio.CancelledError, ConnectionError):
-            # The client hung up: aiohttp cancels the handler, or a write fails.
+        except asyncio.CancelledError:
+            # The client hung up and aiohttp cancelled the handler.
             self._record.outcome = "client_gone"
             raise
+        except ConnectionError:
+            # The client hung up and a write failed. Once the response has begun, return it:
+            # re-raised, aiohttp would log an error-level traceback for an ordinary hang-up.
+            self._record.outcome = "client_gone"
+            if not self._events.begun:
+                raise
         except ProxyError as error:
             if not self._events.begun:
                 raise  # nothing sent yet: the middleware answers with a JSON error

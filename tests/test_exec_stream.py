@@ -338,3 +338,18 @@ async def test_unexpected_failure_after_waiting_events_ends_with_an_error_exit(
     assert events[0]["type"] == "waiting"
     assert final(events)["reason"] == "error"
     assert 'session_proxy_exec_requests_total{outcome="error"} 1.0' in await metrics_text(http, proxy)
+
+
+@pytest.mark.timeout(60)
+async def test_hanging_up_mid_write_logs_no_error(
+    http: aiohttp.ClientSession, proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client hanging up while its command floods output is an ordinary client_gone: the proxy
+    logs no error-level traceback for it (aiohttp logs any exception a handler raises)."""
+    caplog.set_level(logging.INFO)
+    for _ in range(200):
+        response = await http.post(f"{proxy.url}/exec", json={"command": ["yes", "x" * 1000]})
+        assert json.loads(await response.content.readline())["type"] == "start"
+        await response.content.readline()
+        response.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
