@@ -153,6 +153,9 @@ class Fault:
     no_status: bool = False
     user_agent: str | None = None  # substring of the User-Agent, e.g. "-kill" for kill execs
     close_stdin_after_frames: int | None = None  # then EOF on the process's stdin, stream kept
+    # Each stdout frame leaves this much later than it was read, as when a runtime's stdout copier
+    # lags behind its stderr one (they are separate goroutines: nothing orders the two streams).
+    stdout_lag: float = 0.0
 
 
 EXEC_FAULT = web.RequestKey("exec_fault", Fault)
@@ -713,7 +716,10 @@ class ExecSession:
                 await process.wait()
 
     async def forward(self, reader: asyncio.StreamReader, channel: int) -> None:
+        lag = self.fault.stdout_lag if channel == 1 else 0.0
         while data := await reader.read(READ_SIZE):
+            if lag:
+                await asyncio.sleep(lag)
             await self.send(channel, data)
 
     async def receive(self) -> None:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from .conftest import KubeSetup, exec_events, final, output_of, survivors
+from .kube_api_server import Fault
 
 
 async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
@@ -27,6 +28,20 @@ async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: Ku
     assert output_of(events, "stderr") == b"err\n"
     assert final(events)["exit_code"] == 42
     assert final(events)["reason"] == "exited"
+
+
+async def test_stdout_lagging_behind_the_exit_marker_is_not_lost(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """stdout that reaches the proxy after the exit marker (stderr) is still delivered whole: the
+    exit counts once the wrapper's end-of-stdout marker has arrived, not after a quiet spell."""
+    kube_setup.api.faults.append(Fault(path="/exec", stdout_lag=0.3, times=-1))
+    script = "printf 'one\\n'; sleep 0.1; printf 'two\\n'; echo err >&2"
+    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    assert output_of(events, "stdout") == b"one\ntwo\n"
+    assert output_of(events, "stderr") == b"err\n"
+    assert (final(events)["reason"], final(events)["exit_code"]) == ("exited", 0)
+    assert final(events)["stdout_bytes"] == 8
 
 
 @pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 1", 1), ("exit 127", 127)])
@@ -222,8 +237,12 @@ async def test_each_exec_carries_a_distinctive_user_agent(
 async def test_chatty_leftover_does_not_hold_the_request(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
 ) -> None:
-    """A background child that never stops writing cannot keep the request open after the exit."""
-    script = f"(while :; do echo {marker}; done) & echo done"
+    """A background child that never stops writing cannot keep the request open after the exit.
+
+    It writes every 10 ms, never quiet long enough for the drain's quiet cut, at a rate that
+    cannot reach the output cap (a tight loop's rate depends on the machine: a fast one fills
+    16 MiB within the drain budget and the exec ends as output_limit)."""
+    script = f"(while :; do echo {marker}; sleep 0.01; done) & echo done"
     events = await asyncio.wait_for(
         exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]}), timeout=15
     )

@@ -21,6 +21,8 @@ StreamName = Literal["stdout", "stderr"]
 # short quiet spell, and after DRAIN_LIMIT in any case.
 DRAIN_QUIET: Final = 0.05
 DRAIN_LIMIT: Final = 0.5
+# Output written before the exit but reordered behind the exit report (see ExitDrain).
+OUTPUT_WAIT: Final = 1.0
 WaitingCallback = Callable[[str], Awaitable[None]]
 
 
@@ -119,6 +121,11 @@ class OutputSource(Protocol):
         """The command itself has ended (learned out of band, not from pipe EOF)."""
 
     @property
+    def output_complete(self) -> bool:
+        """Everything the command wrote before it exited has arrived (where the backend can
+        tell: the Kubernetes wrapper marks the end of stdout; a local pipe is read directly)."""
+
+    @property
     def stream_open(self) -> bool:
         """More output may still arrive."""
 
@@ -130,21 +137,37 @@ class OutputSource(Protocol):
 
 
 class ExitDrain:
-    """The post-exit drain budget of one execution: ``DRAIN_LIMIT`` from when the exit is seen."""
+    """The post-exit budget of one execution, in two phases.
+
+    First, output the command wrote before it exited is waited for, at most ``OUTPUT_WAIT``
+    from when the exit is seen (streams can be reordered on their way). Then, once it has all
+    arrived, whatever leftovers still write is forwarded until a quiet spell of ``DRAIN_QUIET``
+    and at most ``DRAIN_LIMIT``.
+    """
 
     def __init__(self) -> None:
+        self._exit_seen: float | None = None
         self._deadline: float | None = None
 
-    def begin(self, now: float) -> None:
+    @property
+    def settled(self) -> bool:
+        """The command's own output is in: only leftovers are being drained now."""
+        return self._deadline is not None
+
+    def begin(self, now: float, output_complete: bool) -> None:
         """The exit was seen: start the budget (later calls keep the first start)."""
-        if self._deadline is None:
+        if self._exit_seen is None:
+            self._exit_seen = now
+        if self._deadline is None and (output_complete or now >= self._exit_seen + OUTPUT_WAIT):
             self._deadline = now + DRAIN_LIMIT
 
     def remaining(self, now: float) -> float:
-        """Seconds of draining left; the full budget until ``begin`` was called."""
-        if self._deadline is None:
+        """Seconds left of the current phase; the full budget until ``begin`` was called."""
+        if self._deadline is not None:
+            return self._deadline - now
+        if self._exit_seen is None:
             return DRAIN_LIMIT
-        return self._deadline - now
+        return self._exit_seen + OUTPUT_WAIT - now
 
 
 async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | None:
@@ -152,8 +175,8 @@ async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | N
     loop = asyncio.get_running_loop()
     while True:
         if source.exited:
-            drain.begin(loop.time())
-            if drain.remaining(loop.time()) <= 0:
+            drain.begin(loop.time(), source.output_complete)
+            if drain.settled and drain.remaining(loop.time()) <= 0:
                 return None
         chunk = source.take()
         if chunk is not None:
@@ -163,8 +186,11 @@ async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | N
         if not source.exited:
             await source.changed()
             continue
+        wait = drain.remaining(loop.time())
         try:
-            async with asyncio.timeout(min(DRAIN_QUIET, drain.remaining(loop.time()))):
+            async with asyncio.timeout(min(DRAIN_QUIET, wait) if drain.settled else wait):
                 await source.changed()
         except TimeoutError:
-            return None
+            if drain.settled:
+                return None
+            # else the wait for the command's own output is over: drain leftovers from here on

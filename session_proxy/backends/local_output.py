@@ -79,6 +79,10 @@ class CommandOutput:
         self._wake()
 
     @property
+    def output_complete(self) -> bool:
+        return True  # the pipes are read directly: nothing written before the exit is behind it
+
+    @property
     def stream_open(self) -> bool:
         return bool(self._open)
 

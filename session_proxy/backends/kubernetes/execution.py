@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ...models import ExitReason, Guarantees
-from ..base import ExitDrain, ExitStatus, OutputChunk, next_output
+from ..base import ExitDrain, ExitStatus, OutputChunk, StreamName, next_output
 from .exec_stream import STDOUT, ExecStream
 from .wrapper import Marker, MarkerFilter
 
@@ -59,6 +59,10 @@ class KubernetesExecution:
         self.guarantees = guarantees
         self._stream = stream
         self._filter = MarkerFilter(nonce) if nonce else None
+        # The wrapper marks the end of the command's stdout on stdout (see wrapper.sh): until it
+        # has arrived, stdout written before the exit may still be on its way.
+        self._stdout_filter = MarkerFilter(nonce) if nonce else None
+        self._stdout_complete = nonce is None
         self._kill_group = kill_group
         self._explain_lost_stream = explain_lost_stream
         self._pending: deque[OutputChunk] = deque()
@@ -80,6 +84,10 @@ class KubernetesExecution:
         return self._exit is not None
 
     @property
+    def output_complete(self) -> bool:
+        return self._stdout_complete
+
+    @property
     def stream_open(self) -> bool:
         return not self._stream_over
 
@@ -99,15 +107,31 @@ class KubernetesExecution:
         frame = await self._stream.receive()
         if frame is None:
             self._stream_over = True
-            held = self._filter.flush() if self._filter else b""
-            if held:  # bytes kept back in case they began a marker: they were the command's
-                self._pending.append(OutputChunk("stderr", held))
+            # Bytes kept back in case they began a marker: they were the command's.
+            kept_back: tuple[tuple[StreamName, MarkerFilter | None], ...] = (
+                ("stdout", self._stdout_filter),
+                ("stderr", self._filter),
+            )
+            for name, kept in kept_back:
+                held = kept.flush() if kept else b""
+                if held:
+                    self._pending.append(OutputChunk(name, held))
             return
         channel, payload = frame
         if channel == STDOUT:
-            self._pending.append(OutputChunk("stdout", payload))
+            self._stdout(payload)
         else:
             self._stderr(payload)
+
+    def _stdout(self, payload: bytes) -> None:
+        if self._stdout_filter is None:
+            self._pending.append(OutputChunk("stdout", payload))
+            return
+        clean, markers = self._stdout_filter.feed(payload)
+        if clean:
+            self._pending.append(OutputChunk("stdout", clean))
+        if any(marker.kind == "end" and marker.value == "stdout" for marker in markers):
+            self._stdout_complete = True
 
     def _stderr(self, payload: bytes) -> None:
         if self._filter is None:
@@ -131,6 +155,7 @@ class KubernetesExecution:
             self._exit_reported = True
         elif marker.kind == "error":
             self._exit_reported = True
+            self._stdout_complete = True  # the command never ran: no stdout to wait for
             self._exit = self._wrapper_error(marker.value)
 
     def _exit_of(self, code: int) -> ExitStatus:

@@ -42,6 +42,14 @@ __sp_mark() {
     printf '\036SP%s:%s\036' "$__sp_nonce" "$1" >&2
 }
 
+# stdout and stderr reach the proxy as separate streams that a runtime may reorder, so the end
+# of the command's stdout is marked on stdout itself: written after the command exited, it
+# follows every byte the command wrote there (one pipe keeps its order). It comes after the exit
+# marker, which a leftover flooding stdout cannot hold up (the proxy bounds its wait for this).
+__sp_mark_stdout_end() {
+    printf '\036SP%s:end:stdout\036' "$__sp_nonce"
+}
+
 # These two run in a subshell, with positional parameters laid out as
 #   ENTRY... -- PROGRAM [SETSID --] ARGV...
 # Once the first entry is exported they read no variable (a name in the request may have
@@ -231,6 +239,7 @@ __sp_leftovers=$__sp_group
 __sp_group=
 [ -z "$__sp_ender" ] || __sp_mark "$__sp_stop"
 __sp_mark "exit:$__sp_status"
+__sp_mark_stdout_end
 kill -TERM "$__sp_timer" 2>/dev/null
 # Whatever the command left in its group (`sleep 300 &`) is ended too, after a moment: a
 # child forked just before the command exited may still be on its way to a session of its
