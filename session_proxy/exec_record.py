@@ -32,21 +32,23 @@ class ExecRecord:
         self.outcome = "error"
         self.status: ExitStatus | None = None
         self.target = ""  # set once the command started
+        self.warm = False  # it started on a pre-opened (warm) exec
         self._written = False
 
     @property
     def total_bytes(self) -> int:
         return self.stdout_bytes + self.stderr_bytes
 
-    def started(self, target: str) -> None:
+    def started(self, target: str, *, warm: bool = False) -> None:
         """The command runs: it is in flight until the record is written."""
         self.target = target
+        self.warm = warm
         self._metrics.in_flight.inc()
 
     def start_sent(self, seconds: float) -> None:
         """The ``start`` event goes out ``seconds`` after the request arrived."""
-        # Every exec opens its own stream today; warm (pre-opened) execs will say "warm".
-        self._metrics.exec_start_latency.labels(path="cold").observe(seconds)
+        path = "warm" if self.warm else "cold"
+        self._metrics.exec_start_latency.labels(path=path).observe(seconds)
 
     def write(self, duration: float, *, answered: bool) -> None:
         """Count the exec and log its line; every call after the first does nothing.
@@ -72,6 +74,7 @@ class ExecRecord:
             "stderr_bytes": self.stderr_bytes,
             "truncated": self.truncated,
             "outcome": self.outcome,
+            "warm": self.warm,
         }
         if log.isEnabledFor(logging.DEBUG):
             extra["argv"] = self._spec.argv

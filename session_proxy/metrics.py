@@ -97,6 +97,22 @@ class Metrics:
             "1 when the exec target is usable, else 0.",
             registry=r,
         )
+        self.warm_execs = Gauge(
+            "session_proxy_warm_execs",
+            "Warm execs (pre-opened wrapper execs) waiting for a request now.",
+            registry=r,
+        )
+        self.warm_execs_opened = Counter(
+            "session_proxy_warm_execs_opened",
+            "Warm execs opened (each an exec of the constant wrapper in the API server's audit log).",
+            registry=r,
+        )
+        self.warm_execs_discarded = Counter(
+            "session_proxy_warm_execs_discarded",
+            "Warm execs closed unused, by reason (max_age, idle, pod_replaced, closed, silent, ...).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "session_proxy_build_info",
             "Version and backend of this proxy (always 1).",

@@ -202,6 +202,7 @@ class StartEvent(BaseModel):
     target: str = Field(description="where the command runs: ns/pod/container, or local:<root>")
     timeout: float
     guarantees: Guarantees
+    warm: bool = Field(False, description="the command started on a pre-opened (warm) exec, not a new one")
 
 
 class WaitingEvent(BaseModel):

@@ -127,6 +127,15 @@ class Settings(BaseModel):
     exec_ping_timeout: float = Field(
         30, gt=0, description="seconds an exec stream's peer may stay silent before it is transport_lost"
     )
+    warm_execs: int = Field(
+        2, ge=0, le=100, description="pre-opened wrapper execs kept per workspace pod; 0 turns the pool off"
+    )
+    warm_exec_idle: float = Field(
+        600, gt=0, description="seconds without requests after which every warm exec is closed"
+    )
+    warm_exec_max_age: float = Field(
+        300, gt=0, description="seconds after which an unused warm exec is replaced by a new one"
+    )
 
     # Limits
     max_concurrent: int = Field(10, ge=1, le=10_000, description="execs running at once")

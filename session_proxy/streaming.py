@@ -148,7 +148,7 @@ class ExecRun:
             raise shutting_down() from None  # stop() cancelled a waiting start
         self._starting = None
         self._execution = execution
-        self._record.started(execution.target)
+        self._record.started(execution.target, warm=execution.warm)
         if self._stopping:
             self._record.outcome = "shutdown"
             raise shutting_down()
@@ -164,6 +164,7 @@ class ExecRun:
                 "target": execution.target,
                 "timeout": self._spec.timeout,
                 "guarantees": execution.guarantees.model_dump(),
+                "warm": execution.warm,
             }
         )
         deadline = self._deadline

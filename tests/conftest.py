@@ -143,6 +143,29 @@ async def survivors(marker: str, within: float = 10.0) -> list[psutil.Process]:
     return left
 
 
+def pod_processes(pod_uid: str) -> list[psutil.Process]:
+    """Every live process the API test server started for the pod with this uid."""
+    found = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if (
+                process.info["status"] != psutil.STATUS_ZOMBIE
+                and process.environ().get("FAKE_POD_UID") == pod_uid
+            ):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+async def pod_survivors(pod_uid: str, within: float = 10.0) -> list[psutil.Process]:
+    """The pod's processes still alive after polling up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (left := pod_processes(pod_uid)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
 async def wait_for_processes(marker: str, count: int, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
     while len(processes_with(marker)) < count:
@@ -237,21 +260,94 @@ class KubeSetup:
     api: Any  # KubeApiServer
     proxy: RunningProxy
     pod: Any  # FakePod
+    path: str = "cold"  # "warm": requests are meant to start on pre-opened execs
+
+
+@pytest.fixture(params=["cold", "warm"])
+def exec_path(request: pytest.FixtureRequest) -> str:
+    """Kubernetes exec tests run on a new exec per command (cold) and on a warm pool's (warm)."""
+    return str(request.param)
+
+
+def path_settings(exec_path: str) -> dict[str, Any]:
+    """The proxy settings for a path: the pool off for cold, two warm execs for warm."""
+    return {"warm_execs": 0 if exec_path == "cold" else 2}
+
+
+async def warm_pool_state(proxy: RunningProxy) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/status") as response:
+        pool: dict[str, Any] = (await response.json())["target"].get("warm_pool") or {}
+    return pool
+
+
+async def wait_for_pool(proxy: RunningProxy, ready: int, within: float = 20.0) -> dict[str, Any]:
+    """Poll /status until the warm pool holds at least (or, for 0, exactly) ``ready`` execs."""
+    deadline = time.monotonic() + within
+    while True:
+        pool = await warm_pool_state(proxy)
+        if (pool.get("ready", 0) >= ready) if ready else not pool.get("ready"):
+            return pool
+        assert time.monotonic() < deadline, f"warm pool never reached {ready}: {pool}"
+        await asyncio.sleep(0.02)
+
+
+async def prewarm(http: aiohttp.ClientSession, proxy: RunningProxy, exec_path: str) -> None:
+    """On the warm path, the first request opens the pool; wait until it is full."""
+    if exec_path == "warm":
+        await exec_events(http, proxy, {"command": ["true"]})
+        await wait_for_pool(proxy, 2)
+
+
+async def kube_exec(
+    http: aiohttp.ClientSession, setup: KubeSetup, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """POST /exec on the setup's path, and prove the path taken: on warm, the start event says
+    so and the API server saw no new exec for this request (only, perhaps, its kill exec)."""
+    if setup.path == "warm":
+        await wait_for_pool(setup.proxy, 1)
+    events = await exec_events(http, setup.proxy, body)
+    check_path(setup, events)
+    return events
+
+
+async def fresh_setup(
+    http: aiohttp.ClientSession, setup: KubeSetup, make_proxy: ProxyFactory, tmp_path: Path
+) -> KubeSetup:
+    """A new proxy on the same pod and path, for tests that change the image first (its tools
+    are probed, and warm execs opened, with what the image has now)."""
+    proxy = await kube_proxy(setup.api, make_proxy, tmp_path, workspace_wait=3, **path_settings(setup.path))
+    await prewarm(http, proxy, setup.path)
+    return KubeSetup(setup.api, proxy, setup.pod, setup.path)
+
+
+def check_path(setup: KubeSetup, events: list[dict[str, Any]]) -> None:
+    start = next(e for e in events if e["type"] == "start")
+    assert start["warm"] is (setup.path == "warm"), start
+    own_agent = f"exec_id={start['exec_id']}"  # its probe and kill execs say "-probe", "-kill"
+    mine = [r for r in setup.api.exec_requests() if r.headers.get("User-Agent", "").endswith(own_agent)]
+    assert len(mine) == (0 if setup.path == "warm" else 1), [r.headers.get("User-Agent") for r in mine]
 
 
 async def kube_proxy(kube: Any, make_proxy: ProxyFactory, tmp_path: Path, **overrides: Any) -> RunningProxy:
     """A proxy on the kubernetes backend, pointed at ``kube`` through a kubeconfig."""
     config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    # No warm pool unless asked for (path_settings): fault-injection tests match the execs they
+    # break in order, and the pool's own background opens would take those faults.
     values: dict[str, Any] = {
         "backend": "kubernetes", "kubeconfig": str(config), "namespace": "default",
-        "session_name": "s1", "workspace_wait": 1, "kill_grace": 1,
+        "session_name": "s1", "workspace_wait": 1, "kill_grace": 1, "warm_execs": 0,
     }  # fmt: skip
     values.update(overrides)
     return await make_proxy(**values)
 
 
 @pytest.fixture
-async def kube_setup(kube: Any, make_proxy: ProxyFactory, tmp_path: Path) -> KubeSetup:
-    """A workspace pod on the API test server, and a proxy on the kubernetes backend."""
+async def kube_setup(
+    kube: Any, make_proxy: ProxyFactory, tmp_path: Path, exec_path: str, http: aiohttp.ClientSession
+) -> KubeSetup:
+    """A workspace pod on the API test server, and a proxy on the kubernetes backend, on the
+    cold or the warm path (then with its pool already full)."""
     pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    return KubeSetup(kube, await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3), pod)
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3, **path_settings(exec_path))
+    await prewarm(http, proxy, exec_path)
+    return KubeSetup(kube, proxy, pod, exec_path)

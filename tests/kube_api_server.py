@@ -242,6 +242,10 @@ class KubeApiServer:
         # An exec process's stdin stays open after its client left (a runtime that never closes
         # it), so a wrapper's dead-man switch cannot fire: only the kill exec can end it.
         self.keep_stdin_open = False
+        # Seconds the "container runtime" takes to start each exec'd process. runc alone was
+        # measured at 4-27 ms per exec (opencontainers/runc #4432, #4448); 0 models a free start.
+        self.exec_start_delay = 0.0
+        self.sessions: set[ExecSession] = set()  # exec streams open now
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._ca = trustme.CA()
@@ -281,6 +285,13 @@ class KubeApiServer:
 
     def exec_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/exec")]
+
+    def abort_execs(self, pod: FakePod) -> int:
+        """Drop every open exec connection to ``pod`` (no status, no close frame); how many."""
+        dropped = [s for s in self.sessions if s.pod is pod]
+        for session in dropped:
+            session.abort()
+        return len(dropped)
 
     @property
     def ca_pem(self) -> bytes:
@@ -572,9 +583,11 @@ class KubeApiServer:
         task = asyncio.current_task()
         assert task is not None
         self._exec_tasks.add(task)
+        self.sessions.add(session)
         try:
             await session.run(container)
         finally:
+            self.sessions.discard(session)
             self._exec_tasks.discard(task)
         return ws
 
@@ -666,6 +679,8 @@ class ExecSession:
         argv = list(self.command)
         if self.pod.shell and argv and argv[0] == "/bin/sh":
             argv = [*self.pod.shell.split(), *argv[1:]]
+        if self.server.exec_start_delay:
+            await asyncio.sleep(self.server.exec_start_delay)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -799,8 +814,9 @@ def exit_status(code: int, protocol: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _serve_by_hand(directory: Path, mode: str) -> None:
+async def _serve_by_hand(directory: Path, mode: str, exec_start_delay: float = 0.0) -> None:
     server = KubeApiServer(directory, mode=mode)
+    server.exec_start_delay = exec_start_delay
     server.add_token("demo-token")
     pod = server.add_pod("workspace-demo", labels={"session": "demo", "type": "workspace"})
     await server.start()
@@ -820,8 +836,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the Kubernetes API test server by hand.")
     parser.add_argument("--dir", type=Path, default=None, help="where to put pods and the kubeconfig")
     parser.add_argument("--mode", choices=["modern", "old"], default="modern")
+    parser.add_argument(
+        "--exec-start-delay", type=float, default=0.0, help="seconds before each exec'd process starts"
+    )
     arguments = parser.parse_args()
     folder = arguments.dir or Path(tempfile.mkdtemp(prefix="kube-api-"))
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_by_hand(folder, arguments.mode))
+        asyncio.run(_serve_by_hand(folder, arguments.mode, arguments.exec_start_delay))

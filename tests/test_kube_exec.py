@@ -12,15 +12,24 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 
-from .conftest import KubeSetup, exec_events, final, output_of, survivors
+from .conftest import (
+    KubeSetup,
+    ProxyFactory,
+    check_path,
+    final,
+    fresh_setup,
+    kube_exec,
+    kube_proxy,
+    output_of,
+    survivors,
+    wait_for_pool,
+)
 from .kube_api_server import Fault
 
 
 async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
     """stdout and stderr stay apart, markers are stripped, and the exit code is the command's."""
-    events = await exec_events(
-        http, kube_setup.proxy, {"command": ["sh", "-c", "echo out; echo err >&2; exit 42"]}
-    )
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo out; echo err >&2; exit 42"]})
     assert events[0]["type"] == "start"
     assert events[0]["target"] == "default/ws-1/workspace"
     assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": True}
@@ -30,6 +39,8 @@ async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: Ku
     assert final(events)["reason"] == "exited"
 
 
+# Cold only: the fault applies to execs opened from now on, and a warm pool opened its earlier.
+@pytest.mark.parametrize("exec_path", ["cold"])
 async def test_stdout_lagging_behind_the_exit_marker_is_not_lost(
     http: aiohttp.ClientSession, kube_setup: KubeSetup
 ) -> None:
@@ -37,7 +48,7 @@ async def test_stdout_lagging_behind_the_exit_marker_is_not_lost(
     exit counts once the wrapper's end-of-stdout marker has arrived, not after a quiet spell."""
     kube_setup.api.faults.append(Fault(path="/exec", stdout_lag=0.3, times=-1))
     script = "printf 'one\\n'; sleep 0.1; printf 'two\\n'; echo err >&2"
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", script]})
     assert output_of(events, "stdout") == b"one\ntwo\n"
     assert output_of(events, "stderr") == b"err\n"
     assert (final(events)["reason"], final(events)["exit_code"]) == ("exited", 0)
@@ -47,7 +58,7 @@ async def test_stdout_lagging_behind_the_exit_marker_is_not_lost(
 @pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 1", 1), ("exit 127", 127)])
 async def test_exit_codes(http: aiohttp.ClientSession, kube_setup: KubeSetup, script: str, code: int) -> None:
     """Exit codes 0, 1 and 127 pass through unchanged."""
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", script]})
     assert final(events)["exit_code"] == code
 
 
@@ -56,7 +67,7 @@ async def test_missing_program_is_an_error_with_127(
 ) -> None:
     """A program missing from the image ends in reason error, exit 127, with a message naming
     it, as on the local backend."""
-    events = await exec_events(http, kube_setup.proxy, {"command": ["no-such-program-xyz"]})
+    events = await kube_exec(http, kube_setup, {"command": ["no-such-program-xyz"]})
     exit_event = final(events)
     assert (exit_event["reason"], exit_event["exit_code"]) == ("error", 127)
     assert "no-such-program-xyz" in exit_event["message"]
@@ -64,7 +75,7 @@ async def test_missing_program_is_an_error_with_127(
 
 async def test_signal_death_is_128_plus_n(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
     """Through Kubernetes a signal death shows as the shell's 128+N exit code."""
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "kill -KILL $$"]})
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "kill -KILL $$"]})
     assert final(events)["exit_code"] == 128 + 9
 
 
@@ -75,9 +86,13 @@ async def test_output_arrives_while_the_command_runs(
     gate = kube_setup.pod.root / "gate"
     script = f"for i in 1 2 3; do echo line$i; while [ ! -e {gate}$i ]; do sleep 0.01; done; done"
     seen = []
+    if kube_setup.path == "warm":
+        await wait_for_pool(kube_setup.proxy, 1)
     async with http.post(f"{kube_setup.proxy.url}/exec", json={"command": ["sh", "-c", script]}) as response:
         async for raw in response.content:
             event = json.loads(raw)
+            if event["type"] == "start":
+                check_path(kube_setup, [event])
             if event["type"] == "stdout":
                 seen.append(event["data"])
                 Path(f"{gate}{len(seen)}").touch()
@@ -88,7 +103,7 @@ async def test_stdin_then_eof(http: aiohttp.ClientSession, kube_setup: KubeSetup
     """stdin bytes reach the command exactly, then EOF, on v5 and v4 alike (cat ends)."""
     data = bytes(range(256)) * 300
     body = {"command": ["sh", "-c", "cat; echo; echo done"], "stdin_b64": base64.b64encode(data).decode()}
-    events = await exec_events(http, kube_setup.proxy, body)
+    events = await kube_exec(http, kube_setup, body)
     assert output_of(events, "stdout") == data + b"\ndone\n"
     assert final(events)["exit_code"] == 0
 
@@ -105,7 +120,7 @@ async def test_user_values_arrive_literally_and_never_in_the_url(
         "workdir": str(workdir),
         "env": {"TRICKY": tricky},
     }
-    events = await exec_events(http, kube_setup.proxy, body)
+    events = await kube_exec(http, kube_setup, body)
     expected = b"|".join(
         part.encode("utf-8", "surrogateescape") for part in (tricky, "second arg", str(workdir), tricky)
     )
@@ -126,7 +141,7 @@ async def test_forged_markers_do_not_end_the_request(
     """A command printing marker-like bytes gets them back verbatim; the real exit comes after."""
     fake = "\x1eSP" + "0" * 32 + ":exit:0\x1e"
     script = f"printf '%s' '{fake}' >&2; printf 'after' >&2; exit 5"
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", script]})
     assert output_of(events, "stderr") == fake.encode() + b"after"
     assert final(events)["exit_code"] == 5
 
@@ -136,7 +151,7 @@ async def test_background_child_does_not_hold_the_request(
 ) -> None:
     """`sleep & echo done` ends at once with exit 0, and the sleeper is ended afterwards."""
     body = {"command": ["sh", "-c", f"sleep {marker} & echo done"], "timeout": 60}
-    events = await asyncio.wait_for(exec_events(http, kube_setup.proxy, body), timeout=15)
+    events = await asyncio.wait_for(kube_exec(http, kube_setup, body), timeout=15)
     assert output_of(events, "stdout") == b"done\n"
     assert final(events)["exit_code"] == 0
     assert final(events)["duration_ms"] < 5000
@@ -145,19 +160,21 @@ async def test_background_child_does_not_hold_the_request(
 
 @pytest.mark.parametrize("shell", ["dash", "bash", "busybox sh"])
 async def test_wrapper_works_with_each_shell(
-    http: aiohttp.ClientSession, kube_setup: KubeSetup, shell: str, marker: str
-) -> None:
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, shell: str, marker: str,
+    make_proxy: ProxyFactory, tmp_path: Path,
+) -> None:  # fmt: skip
     """The wrapper runs under dash, bash and busybox sh: env, workdir, stdin, exit code, kill."""
     kube_setup.pod.shell = shell
+    kube_setup = await fresh_setup(http, kube_setup, make_proxy, tmp_path)
     body = {
         "command": ["sh", "-c", 'printf "%s:%s:" "$V" "$PWD"; cat; exit 3'],
         "env": {"V": "x y"}, "workdir": "/", "stdin": "in",
     }  # fmt: skip
-    events = await exec_events(http, kube_setup.proxy, body)
+    events = await kube_exec(http, kube_setup, body)
     assert output_of(events, "stdout") == b"x y:/:in"
     assert final(events)["exit_code"] == 3
-    events = await exec_events(
-        http, kube_setup.proxy, {"command": ["sh", "-c", f"sleep {marker} & sleep {marker}"], "timeout": 1}
+    events = await kube_exec(
+        http, kube_setup, {"command": ["sh", "-c", f"sleep {marker} & sleep {marker}"], "timeout": 1}
     )
     assert final(events)["reason"] == "timeout"
     assert await survivors(marker) == []
@@ -165,16 +182,23 @@ async def test_wrapper_works_with_each_shell(
 
 async def test_workdir_that_does_not_exist(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
     """A missing workdir ends in reason error with a message, not a shell's confusing exit."""
-    events = await exec_events(http, kube_setup.proxy, {"command": ["true"], "workdir": "/no/such/dir"})
+    events = await kube_exec(http, kube_setup, {"command": ["true"], "workdir": "/no/such/dir"})
     assert final(events)["reason"] == "error"
     assert "workdir" in final(events)["message"]
 
 
-async def test_image_without_shell_runs_bare_argv(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+async def test_image_without_shell_runs_bare_argv(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
     """No /bin/sh in the image: plain argv still runs, the start event says no guarantees hold,
-    and workdir/env/stdin are refused with 422."""
+    and workdir/env/stdin are refused with 422; with the pool on, no warm exec is ever opened."""
     kube_setup.pod.shell = "/nonexistent/sh"
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "echo bare; exit 4"]})
+    opened_before = _warm_opens(kube_setup)
+    proxy = await kube_proxy(kube_setup.api, make_proxy, tmp_path, warm_execs=2)
+    kube_setup = KubeSetup(kube_setup.api, proxy, kube_setup.pod, "cold")
+    for _ in range(2):
+        events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo bare; exit 4"]})
+    assert _warm_opens(kube_setup) == opened_before
     assert events[0]["guarantees"] == {"workdir": False, "env": False, "stdin": False, "kill": False}
     assert output_of(events, "stdout") == b"bare\n"
     assert final(events)["exit_code"] == 4
@@ -189,8 +213,8 @@ async def test_image_without_shell_runs_bare_argv(http: aiohttp.ClientSession, k
 async def test_large_output_is_complete(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
     """12 MB of output arrives complete and in order through the WebSocket."""
     size = 12 * 1024 * 1024
-    events = await exec_events(
-        http, kube_setup.proxy, {"command": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' 'z'"]}
+    events = await kube_exec(
+        http, kube_setup, {"command": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' 'z'"]}
     )
     received = output_of(events, "stdout")
     assert len(received) == size, (len(received), final(events))
@@ -228,10 +252,16 @@ async def test_logs_are_bounded_in_bytes(http: aiohttp.ClientSession, kube_setup
 async def test_each_exec_carries_a_distinctive_user_agent(
     http: aiohttp.ClientSession, kube_setup: KubeSetup
 ) -> None:
-    """The API server's audit log can join an exec to the proxy's log line by exec_id."""
-    events = await exec_events(http, kube_setup.proxy, {"command": ["true"]})
-    agents = [r.headers.get("User-Agent", "") for r in kube_setup.api.exec_requests()]
-    assert f"exec_id={events[0]['exec_id']}" in " ".join(agents)
+    """The API server's audit log can join an exec to the proxy's log line by exec_id; a warm
+    exec, opened before its request, says warm_exec=ID instead."""
+    events = await kube_exec(http, kube_setup, {"command": ["true"]})
+    agents = " ".join(r.headers.get("User-Agent", "") for r in kube_setup.api.exec_requests())
+    if kube_setup.path == "cold":
+        assert f"exec_id={events[0]['exec_id']}" in agents
+        assert "warm_exec=" not in agents
+    else:
+        assert f"exec_id={events[0]['exec_id']}" not in agents
+        assert "warm_exec=" in agents
 
 
 async def test_chatty_leftover_does_not_hold_the_request(
@@ -244,7 +274,7 @@ async def test_chatty_leftover_does_not_hold_the_request(
     16 MiB within the drain budget and the exec ends as output_limit)."""
     script = f"(while :; do echo {marker}; sleep 0.01; done) & echo done"
     events = await asyncio.wait_for(
-        exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]}), timeout=15
+        kube_exec(http, kube_setup, {"command": ["sh", "-c", script]}), timeout=15
     )
     assert (final(events)["reason"], final(events)["exit_code"]) == ("exited", 0)
     assert await survivors(marker) == []
@@ -255,13 +285,13 @@ async def test_stderr_ending_like_a_marker_start_is_kept(
 ) -> None:
     """Bytes held back because they could begin a marker reach the client byte for byte."""
     script = r"printf 'x\036' >&2; printf '\036SP' >&2; exit 2"
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", script]})
     assert output_of(events, "stderr") == b"x\x1e\x1eSP"
     assert final(events)["exit_code"] == 2
 
 
 async def test_image_without_setsid_degrades_and_says_so(
-    http: aiohttp.ClientSession, kube_setup: KubeSetup, tmp_path: Path, marker: str
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, tmp_path: Path, marker: str, make_proxy: ProxyFactory
 ) -> None:
     """An image with a shell but no setsid still runs commands; the start event says kill is
     not guaranteed, and a timeout still ends the command itself."""
@@ -272,10 +302,15 @@ async def test_image_without_setsid_degrades_and_says_so(
         assert target
         (bin_dir / tool).symlink_to(target)
     kube_setup.pod.path = str(bin_dir)
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", "echo hi; exit 3"]})
+    kube_setup = await fresh_setup(http, kube_setup, make_proxy, tmp_path)
+    events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo hi; exit 3"]})
     assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": False}
     assert output_of(events, "stdout") == b"hi\n"
     assert final(events)["exit_code"] == 3
-    events = await exec_events(http, kube_setup.proxy, {"command": ["sleep", marker], "timeout": 1})
+    events = await kube_exec(http, kube_setup, {"command": ["sleep", marker], "timeout": 1})
     assert final(events)["reason"] == "timeout"
     assert await survivors(marker) == []
+
+
+def _warm_opens(setup: KubeSetup) -> int:
+    return sum("warm_exec=" in r.headers.get("User-Agent", "") for r in setup.api.exec_requests())

@@ -17,14 +17,22 @@ from .conftest import (
     KubeSetup,
     ProxyFactory,
     ProxyProcess,
+    check_path,
     exec_events,
     final,
     forking,
+    kube_exec,
     kube_proxy,
     output_of,
+    path_settings,
+    pod_processes,
+    pod_survivors,
+    prewarm,
     survivors,
+    wait_for_pool,
     wait_for_processes,
 )
+from .conftest import KubeSetup as Setup
 from .kube_api_server import Fault
 
 
@@ -39,7 +47,7 @@ async def test_timeout_kills_the_group(
 ) -> None:
     """Past the timeout the group is killed through a second exec; reason timeout, and (the
     early-end rule, as on the local backend) neither the wrapper's 143 nor a signal."""
-    events = await exec_events(http, kube_setup.proxy, {"command": forking(marker), "timeout": 1})
+    events = await kube_exec(http, kube_setup, {"command": forking(marker), "timeout": 1})
     assert final(events)["reason"] == "timeout"
     assert (final(events)["exit_code"], final(events)["signal"]) == (None, None)
     assert await survivors(marker, within=3) == []
@@ -81,23 +89,27 @@ async def test_dead_man_switch_alone_ends_the_group(
 
 
 async def test_idle_timeout(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
-                            tmp_path: Path, marker: str) -> None:  # fmt: skip
+                            tmp_path: Path, marker: str, exec_path: str) -> None:  # fmt: skip
     """A silent command ends with idle_timeout and leaves nothing behind."""
-    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    proxy = await kube_proxy(kube, make_proxy, tmp_path, idle_timeout=1)
-    events = await exec_events(http, proxy, {"command": forking(marker, "echo hi; "), "timeout": 60})
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, idle_timeout=1, **path_settings(exec_path))
+    await prewarm(http, proxy, exec_path)
+    events = await kube_exec(http, Setup(kube, proxy, pod, exec_path),
+                             {"command": forking(marker, "echo hi; "), "timeout": 60})  # fmt: skip
     assert output_of(events, "stdout") == b"hi\n"
     assert final(events)["reason"] == "idle_timeout"
     assert await survivors(marker, within=3) == []
 
 
 async def test_output_limit(http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory,
-                           tmp_path: Path, marker: str) -> None:  # fmt: skip
+                           tmp_path: Path, marker: str, exec_path: str) -> None:  # fmt: skip
     """Output past the cap is cut exactly there and the group is ended."""
-    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    proxy = await kube_proxy(kube, make_proxy, tmp_path, max_output_bytes=50_000)
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, max_output_bytes=50_000, **path_settings(exec_path))
+    await prewarm(http, proxy, exec_path)
     script = f"sleep {marker} & while :; do echo yyyyyyyyyyyyyyyyyyyyyyyyyyyyyy; done"
-    events = await exec_events(http, proxy, {"command": ["sh", "-c", script], "timeout": 60})
+    events = await kube_exec(http, Setup(kube, proxy, pod, exec_path),
+                             {"command": ["sh", "-c", script], "timeout": 60})  # fmt: skip
     assert final(events)["reason"] == "output_limit"
     assert len(output_of(events, "stdout")) == 50_000
     assert await survivors(marker, within=3) == []
@@ -106,8 +118,12 @@ async def test_output_limit(http: aiohttp.ClientSession, kube: Any, make_proxy: 
 async def test_client_disconnect(http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str) -> None:
     """A client that hangs up mid-exec leaves nothing running in the workspace."""
     body = {"command": forking(marker, "echo started; "), "timeout": 60}
+    if kube_setup.path == "warm":
+        await wait_for_pool(kube_setup.proxy, 1)
     response = await http.post(f"{kube_setup.proxy.url}/exec", json=body)
-    assert json.loads(await response.content.readline())["type"] == "start"
+    start = json.loads(await response.content.readline())
+    assert start["type"] == "start"
+    check_path(kube_setup, [start])
     await wait_for_processes(marker, 2)
     response.close()
     assert await survivors(marker) == []
@@ -115,9 +131,7 @@ async def test_client_disconnect(http: aiohttp.ClientSession, kube_setup: KubeSe
 
 async def test_shutdown(http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str) -> None:
     """Server shutdown past its grace ends execs with reason shutdown and kills their groups."""
-    task = asyncio.create_task(
-        exec_events(http, kube_setup.proxy, {"command": forking(marker), "timeout": 60})
-    )
+    task = asyncio.create_task(kube_exec(http, kube_setup, {"command": forking(marker), "timeout": 60}))
     await wait_for_processes(marker, 2)
     await kube_setup.proxy.server.stop()
     assert final(await task)["reason"] == "shutdown"
@@ -126,19 +140,43 @@ async def test_shutdown(http: aiohttp.ClientSession, kube_setup: KubeSetup, mark
 
 async def test_dead_man_switch_when_the_proxy_is_killed(
     http: aiohttp.ClientSession, kube: Any, spawn_proxy: Callable[..., ProxyProcess],
-    tmp_path: Path, marker: str,
+    tmp_path: Path, marker: str, exec_path: str,
 ) -> None:  # fmt: skip
-    """SIGKILL the proxy mid-exec: the stream dies, the wrapper sees stdin EOF and kills the group."""
-    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    """SIGKILL the proxy mid-exec: the stream dies, the wrapper sees stdin EOF and kills the
+    group; on the warm path the idle warm exec beside it ends too: nothing of the pod's is left."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
     config = kube.write_kubeconfig(tmp_path / "kc", TOKEN)
+    warm_execs = str(path_settings(exec_path)["warm_execs"])
     proxy = spawn_proxy("--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
-                        "--session-name", "s1")  # fmt: skip
+                        "--session-name", "s1", "--warm-execs", warm_execs)  # fmt: skip
+    running = _running(proxy)
+    await prewarm(http, running, exec_path)
     response = await http.post(f"{proxy.url}/exec", json={"command": forking(marker), "timeout": 600})
-    await response.content.readline()
+    start = json.loads(await response.content.readline())
+    assert start["warm"] is (exec_path == "warm")
     await wait_for_processes(marker, 2)
+    if exec_path == "warm":
+        await wait_for_pool(running, 2)  # the one taken was replaced: two wait beside the command
     proxy.process.send_signal(signal.SIGKILL)
     assert await survivors(marker) == []
+    assert await pod_survivors(pod.uid) == []
     response.close()
+
+
+async def test_dead_man_switch_for_idle_warm_execs(
+    http: aiohttp.ClientSession, kube: Any, spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:  # fmt: skip
+    """SIGKILL the proxy while only warm execs wait for a header: each wrapper's read sees EOF
+    and it exits; no process of the pod stays running."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    config = kube.write_kubeconfig(tmp_path / "kc", TOKEN)
+    proxy = spawn_proxy("--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
+                        "--session-name", "s1", "--warm-execs", "3")  # fmt: skip
+    await exec_events(http, _running(proxy), {"command": ["true"]})
+    await wait_for_pool(_running(proxy), 3)
+    assert len(pod_processes(pod.uid)) >= 3  # the waiting wrappers
+    proxy.process.send_signal(signal.SIGKILL)
+    assert await pod_survivors(pod.uid) == []
 
 
 async def test_large_output_with_slow_reader_keeps_memory_bounded(

@@ -314,6 +314,7 @@ async def test_prometheus_sees_what_was_run(
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("api_mode", ["modern"])
+@pytest.mark.parametrize("exec_path", ["warm"])  # the default: a warm pool
 async def test_prometheus_on_the_kubernetes_backend_fills_every_panel(
     http: aiohttp.ClientSession,
     kube_setup: KubeSetup,

@@ -68,6 +68,7 @@ class BackendInfo:
 class Execution(Protocol):
     target: str
     guarantees: Guarantees
+    warm: bool  # started on a pre-opened (warm) exec rather than a new one
 
     async def next_chunk(self) -> OutputChunk | None:
         """Next output chunk; ``None`` once the command has exited and its output is drained.

@@ -47,6 +47,7 @@ class LocalExecution:
     """A running local command; see ``Execution`` for the contract."""
 
     guarantees = ALL_GUARANTEES
+    warm = False
 
     def __init__(
         self, target: str, exec_id: str, pid: int, channel: LeaderChannel, output: CommandOutput,
@@ -139,6 +140,7 @@ class FailedExecution:
     """A command that could not be started: no output, then an ``error`` exit."""
 
     guarantees = ALL_GUARANTEES
+    warm = False
 
     def __init__(self, target: str, status: ExitStatus) -> None:
         self.target = target

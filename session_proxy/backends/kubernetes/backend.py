@@ -23,6 +23,7 @@ from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
 from .exec_stream import STDOUT, ExecStream
 from .execution import KubernetesExecution, explain_exec_failure
 from .image_probe import NO_GUARANTEES, ImageTools, Inconclusive, read_probe
+from .warm_pool import WarmPool
 from .wrapper import KILL_SCRIPT, PROBE_SCRIPT, SHELL, WRAPPER_SCRIPT, encode_header, new_nonce
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,19 @@ class KubernetesBackend:
         self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[str, ImageTools] = {}
+        self._pool: WarmPool | None = None
 
     def _count_error(self, kind: str) -> None:
         self._metrics.kubernetes_api_errors.labels(kind=kind).inc()
 
     async def open(self) -> None:
         await self._api.open()
+        if self._settings.warm_execs:
+            self._pool = WarmPool(self._settings, self._metrics, self._open_warm)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         await self._api.close()
 
     # ---- exec ----------------------------------------------------------------------------
@@ -83,7 +89,12 @@ class KubernetesBackend:
             deadline=max(1, remaining) + math.ceil(self._settings.kill_grace) + BACKSTOP_MARGIN,
             grace=math.ceil(self._settings.kill_grace),
         )
-        stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
+        stdin = spec.stdin or b""
+        stream = await self._take_warm(workspace, header, spec.exec_id)
+        warm = stream is not None
+        if stream is None:
+            stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
+            stdin = header + stdin
         return KubernetesExecution(
             stream,
             target=target,
@@ -91,9 +102,36 @@ class KubernetesBackend:
             nonce=nonce,
             kill_group=lambda pgid, grace: self._kill_group(workspace, pgid, grace, spec.exec_id),
             explain_lost_stream=lambda lost: self._explain_lost_stream(workspace, lost),
-            stdin=header + (spec.stdin or b""),
+            stdin=stdin,
             program=spec.argv[0],
+            warm=warm,
         )
+
+    async def _take_warm(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:
+        """A warm exec with the header written to it, or None: go cold. Until the header is
+        written nothing can have run, so a warm exec found dead by then costs only a new exec."""
+        if self._pool is None:
+            return None
+        warm = await self._pool.take(workspace)
+        if warm is None:
+            return None
+        if not await warm.stream.send_stdin(header):
+            self._pool.discard(warm, "write_failed")
+            return None
+        self._pool.used(warm)
+        log.debug("exec on a warm exec", extra={"exec_id": exec_id, "warm_exec": warm.warm_id})
+        return warm.stream
+
+    async def _open_warm(self, workspace: Workspace, warm_id: str) -> ExecStream:
+        """Open the constant wrapper exec for the pool; its header comes with a request."""
+        argv = [SHELL, "-c", WRAPPER_SCRIPT]
+        url = self._api.exec_url(workspace.namespace, workspace.name, workspace.container, argv, stdin=True)
+        try:
+            return await self._api.open_exec(url, f"session-proxy/{__version__} warm_exec={warm_id}")
+        except KubeError as error:
+            if error.status in (404, 500):
+                self._locator.forget()
+            raise
 
     async def _start_bare(self, spec: ExecSpec, workspace: Workspace, target: str) -> KubernetesExecution:
         # No shell in the image: the argv must go in the URL, and nothing can be killed.
@@ -225,6 +263,8 @@ class KubernetesBackend:
             return BackendInfo(self.name, ready=False, target=target)
         usable = [c for c in candidates if c.usable]
         target["pods"] = [c.describe() for c in candidates]
+        if self._pool is not None:
+            target["warm_pool"] = self._pool.describe()
         return BackendInfo(self.name, ready=len(usable) == 1, target=target)
 
     async def logs(self, tail: int) -> str:

@@ -53,8 +53,10 @@ class KubernetesExecution:
         explain_lost_stream: Callable[[ExecStream], Awaitable[ExitStatus]],
         stdin: bytes | None,
         program: str = "",
+        warm: bool = False,
     ) -> None:
         self.target = target
+        self.warm = warm  # the header went to a pre-opened exec
         self._program = program
         self.guarantees = guarantees
         self._stream = stream
