@@ -252,3 +252,15 @@ def test_bad_pool_settings_are_refused() -> None:
         )  # fmt: skip
         assert result.returncode != 0
         assert flags[0] in result.stderr, result.stderr
+
+
+@warm_only
+async def test_shutdown_closes_the_pool_and_its_tasks(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """Stopping the server closes every warm exec (counted as shutdown) and leaves no pool task
+    (keeper, watchers, pings) running, and no waiting wrapper in the workspace."""
+    await kube_setup.proxy.server.stop()
+    prefixes = ("warm-", "exec-ping")
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(prefixes)] == []
+    assert await pod_survivors(kube_setup.pod.uid) == []
