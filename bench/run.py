@@ -51,6 +51,9 @@ class Sizes:
     concurrency: tuple[int, ...] = (1, 10, 50, 100)
     per_stream_bytes: int = 1 * MiB
     startups: int = 5
+    warm_runs: int = 100
+    warm_levels: tuple[int, ...] = (1, 10)
+    idle_seconds: float = 600
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -60,6 +63,9 @@ class Sizes:
             concurrency=(1, 2),
             per_stream_bytes=64 * 1024,
             startups=1,
+            warm_runs=2,
+            warm_levels=(1, 2),
+            idle_seconds=1,
         )
 
 
@@ -528,6 +534,24 @@ async def latency_only(sizes: Sizes) -> str:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
+async def warm_section(work: Path, sizes: Sizes) -> str:
+    """Warm and cold proxy-kube against direct-ws and kubectl, with a modelled start cost."""
+    import warm_start
+
+    figures = await warm_start.measure(
+        work, sizes.warm_runs, sizes.warm_levels, sizes.idle_seconds, Spawned, start_proxy, Contenders
+    )
+    return warm_start.render(figures, sizes.warm_runs, sizes.warm_levels)
+
+
+async def warm_only(sizes: Sizes) -> str:
+    work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
+    try:
+        return await warm_section(work, sizes)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
 async def main_async(sizes: Sizes, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     make_payloads(work, sizes.throughput_bytes)
@@ -538,7 +562,9 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
     try:
         match = api.wait_for(r"kubeconfig: (\S+)\s+\(pod workspace-demo runs commands in (\S+)\)")
         kubeconfig = Path(match.group(1))
-        kube_flags = ("--backend", "kubernetes", "--kubeconfig", str(kubeconfig), "--session-name", "demo")
+        # The sections below measure a new exec per command (cold); warm execs have their own.
+        kube_flags = ("--backend", "kubernetes", "--kubeconfig", str(kubeconfig), "--session-name", "demo",
+                      "--warm-execs", "0")  # fmt: skip
         startups_kube, startups_local = [], []
         for index in range(sizes.startups):
             for flags, bucket, name in (
@@ -567,7 +593,7 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             proxy_slow, slow_url, _, _ = start_proxy(work, "proxy-slow", *kube_flags)
             spawned.append(proxy_slow)
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
-        report = render(results, sizes)
+        report = render(results, sizes) + "\n" + await warm_section(work, sizes)
         if out is not None:
             out.write_text(report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))
@@ -585,8 +611,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--latency-only", action="store_true", help="only the round-trip table")
+    parser.add_argument("--warm-only", action="store_true", help="only the warm-exec section")
+    parser.add_argument("--idle-seconds", type=float, help="how long the idle-pool cost is measured")
     arguments = parser.parse_args()
     sizes = Sizes.quick() if arguments.quick else Sizes()
+    if arguments.idle_seconds is not None:
+        sizes.idle_seconds = arguments.idle_seconds
+    if arguments.warm_only:
+        print(asyncio.run(warm_only(sizes)))
+        return
     if arguments.latency_only:
         print(asyncio.run(latency_only(sizes)))
         return

@@ -1,0 +1,229 @@
+"""Warm execs against cold ones and the alternatives, with a modelled container-runtime start cost.
+
+Each exec'd process starts only after ``--exec-start-delay`` on the Kubernetes API test server:
+0 ms (a free start) and 25 ms (runc exec alone measured 4-27 ms per exec in
+opencontainers/runc #4432 and #4448). Contenders, all against the same server, p50 of `true`:
+  proxy-kube warm   session-proxy with a warm pool (each sample starts with the pool full: the
+                    steady state of an agent that thinks between commands)
+  proxy-kube cold   session-proxy with --warm-execs 0 (a new exec per command)
+  direct-ws         an in-process WebSocket exec, plain argv, no proxy hop
+  kubectl           the real `kubectl exec` binary
+Then the idle cost: a proxy with the default pool, idle, over a period: its RSS and CPU, and the
+workspace processes its pool holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+START_COSTS = (0.0, 0.025)
+CONTENDERS = ("proxy-kube warm", "proxy-kube cold", "direct-ws", "kubectl")
+
+
+@dataclass
+class WarmFigures:
+    p50: dict[tuple[float, str, int], float] = field(default_factory=dict)  # (cost, who, level) -> s
+    warm_share: dict[tuple[float, int], float] = field(default_factory=dict)
+    idle: dict[str, float] = field(default_factory=dict)
+
+
+async def pool_ready(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(f"{url}/status") as response:
+        return int(((await response.json())["target"].get("warm_pool") or {}).get("ready", 0))
+
+
+async def wait_for_full_pool(http: aiohttp.ClientSession, url: str, size: int) -> None:
+    deadline = time.monotonic() + 60
+    while await pool_ready(http, url) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool at {url} did not fill")
+        await asyncio.sleep(0.005)
+
+
+async def exec_true(http: aiohttp.ClientSession, url: str) -> bool:
+    """POST /exec of `true`; whether it started warm."""
+    async with http.post(f"{url}/exec", json={"command": ["true"]}) as response:
+        body = await response.read()
+    first, _, _ = body.partition(b"\n")
+    if b'"reason":"exited"' not in body:
+        raise RuntimeError(f"proxy: did not end normally: {body[-300:]!r}")
+    return bool(json.loads(first).get("warm"))
+
+
+async def sample(
+    run: Callable[[], Awaitable[bool]], level: int, samples: int, before: Callable[[], Awaitable[None]]
+) -> tuple[list[float], int]:
+    """``samples`` round trips, ``level`` at a time; their durations and how many started warm."""
+    durations: list[float] = []
+    warm = 0
+
+    async def one() -> None:
+        nonlocal warm
+        started = time.perf_counter()
+        started_warm = await run()  # (not `warm += await ...`: that reads warm before awaiting)
+        durations.append(time.perf_counter() - started)
+        warm += started_warm
+
+    for _ in range(3):
+        await run()  # warm up: connections, discovery cache, image probe
+    for _ in range(max(1, samples // level)):
+        await before()
+        await asyncio.gather(*(one() for _ in range(level)))
+    return durations, warm
+
+
+async def measure_cost(
+    cost: float, work: Path, runs: int, levels: tuple[int, ...], spawn: Any, start_proxy: Any, contenders: Any
+) -> tuple[dict[tuple[float, str, int], float], dict[tuple[float, int], float]]:
+    name = f"cost-{int(cost * 1000)}ms"
+    api = spawn([sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / name),
+                 "--exec-start-delay", str(cost)], work / f"{name}-api.log")  # fmt: skip
+    spawned = [api]
+    p50: dict[tuple[float, str, int], float] = {}
+    share: dict[tuple[float, int], float] = {}
+    try:
+        kubeconfig = Path(api.wait_for(r"kubeconfig: (\S+)").group(1))
+        flags = ("--backend", "kubernetes", "--kubeconfig", str(kubeconfig), "--session-name", "demo")
+        pool = max(levels)
+        warm, warm_url, _, _ = start_proxy(work, f"{name}-warm", *flags, "--warm-execs", str(pool))
+        cold, cold_url, _, _ = start_proxy(work, f"{name}-cold", *flags, "--warm-execs", "0")
+        spawned += [warm, cold]
+        async with contenders(kubeconfig, work, warm_url, cold_url).opened() as ready:
+            http = ready.http
+
+            async def nothing() -> None:
+                return None
+
+            async def full_pool() -> None:
+                await wait_for_full_pool(http, warm_url, pool)
+
+            async def via(runner: Any) -> bool:
+                await runner(["true"], None)
+                return False
+
+            runs_by_name: dict[str, tuple[Callable[[], Awaitable[bool]], Callable[[], Awaitable[None]]]] = {
+                "proxy-kube warm": (lambda: exec_true(http, warm_url), full_pool),
+                "proxy-kube cold": (lambda: exec_true(http, cold_url), nothing),
+                "direct-ws": (lambda: via(ready.via_websocket), nothing),
+                "kubectl": (lambda: via(ready.via_kubectl), nothing),
+            }
+            for level in levels:
+                for who in CONTENDERS:
+                    run, before = runs_by_name[who]
+                    durations, warm_starts = await sample(run, level, runs, before)
+                    p50[(cost, who, level)] = statistics.median(durations)
+                    if who == "proxy-kube warm":
+                        share[(cost, level)] = warm_starts / len(durations)
+    finally:
+        for process in reversed(spawned):
+            process.stop()
+    return p50, share
+
+
+async def measure_idle(work: Path, seconds: float, spawn: Any, start_proxy: Any) -> dict[str, float]:
+    """A proxy with the default pool (2), one request, then idle for ``seconds``."""
+    api = spawn([sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / "idle")],
+                work / "idle-api.log")  # fmt: skip
+    spawned = [api]
+    try:
+        kubeconfig = Path(api.wait_for(r"kubeconfig: (\S+)").group(1))
+        # --warm-exec-idle above the period, so the pool stays open for all of it.
+        proxy, url, _, _ = start_proxy(work, "idle-proxy", "--backend", "kubernetes", "--kubeconfig",
+                                       str(kubeconfig), "--session-name", "demo",
+                                       "--warm-exec-idle", str(seconds + 60))  # fmt: skip
+        spawned.append(proxy)
+        async with aiohttp.ClientSession() as http:
+            await exec_true(http, url)
+            await wait_for_full_pool(http, url, 2)
+            await asyncio.sleep(1)  # let the last request's clean-up finish
+            rss_start, cpu_start = proxy.ps.memory_info().rss, proxy.cpu_seconds()
+            peak = rss_start
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                await asyncio.sleep(min(1.0, seconds))
+                peak = max(peak, proxy.ps.memory_info().rss)
+            held = [p for p in api.ps.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+            shells = [p for p in held if p.cmdline()[1:2] == ["-c"]]
+            return {
+                "seconds": seconds,
+                "rss_start_mb": rss_start / 2**20,
+                "rss_peak_mb": peak / 2**20,
+                "cpu_s": proxy.cpu_seconds() - cpu_start,
+                "workspace_shells": len(shells),
+                "workspace_other": len(held) - len(shells),
+                "workspace_rss_mb": sum(p.memory_info().rss for p in shells) / 2**20,
+                "pool_ready_end": await pool_ready(http, url),
+            }
+    finally:
+        for process in reversed(spawned):
+            process.stop()
+
+
+async def measure(
+    work: Path, runs: int, levels: tuple[int, ...], idle_seconds: float, spawn: Any, start_proxy: Any,
+    contenders: Any,
+) -> WarmFigures:  # fmt: skip
+    figures = WarmFigures()
+    for cost in START_COSTS:
+        p50, share = await measure_cost(cost, work, runs, levels, spawn, start_proxy, contenders)
+        figures.p50.update(p50)
+        figures.warm_share.update(share)
+    figures.idle = await measure_idle(work, idle_seconds, spawn, start_proxy)
+    return figures
+
+
+def render(figures: WarmFigures, runs: int, levels: tuple[int, ...]) -> str:
+    lines = [
+        "## Warm execs: start cost of `true`, warm and cold, against the alternatives",
+        "",
+        f"p50 ms of `true`, {runs} samples per cell, at each concurrency and modelled container-runtime "
+        "start cost (`exec_start_delay` on the API test server, before each exec'd process starts; runc "
+        "exec alone measured 4-27 ms, opencontainers/runc #4432, #4448). proxy-kube warm runs with a pool "
+        f"as large as the concurrency (`--warm-execs {max(levels)}`), each batch starting with it full; "
+        "cold with `--warm-execs 0`.",
+        "",
+        "| start cost | concurrency | proxy-kube warm | proxy-kube cold | direct-ws | kubectl | warm / direct-ws | warm starts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cost in START_COSTS:
+        for level in levels:
+            cells = [figures.p50[(cost, who, level)] * 1000 for who in CONTENDERS]
+            ratio = cells[0] / cells[2]
+            share = figures.warm_share[(cost, level)]
+            lines.append(
+                f"| {cost * 1000:.0f} ms | {level} | "
+                + " | ".join(f"{c:.1f}" for c in cells)
+                + f" | **{ratio:.2f}** | {share:.0%} |"
+            )
+    lines += ["", "Targets (issue 12): "]
+    for cost, target in ((0.025, 0.25), (0.0, 0.6)):
+        for level in levels:
+            ratio = figures.p50[(cost, "proxy-kube warm", level)] / figures.p50[(cost, "direct-ws", level)]
+            verdict = "met" if ratio <= target else "**not met**"
+            lines.append(
+                f"- at {cost * 1000:.0f} ms, concurrency {level}: warm <= {target} x direct-ws: "
+                f"{ratio:.2f}, {verdict}"
+            )
+    idle = figures.idle
+    lines += [
+        "",
+        f"Idle cost: a proxy with the default pool (2 warm execs), idle for {idle['seconds']:.0f} s after "
+        f"one request: RSS {idle['rss_start_mb']:.0f} MB at the start, {idle['rss_peak_mb']:.0f} MB at its "
+        f"peak; CPU {idle['cpu_s']:.2f} s in all ({idle['cpu_s'] / idle['seconds'] * 100:.2f} % of a core; "
+        "pings every 5 s on each warm exec, and a replacement of each every 300 s). In the workspace the "
+        f"pool holds {idle['workspace_shells']:.0f} processes (a waiting `sh` per warm exec), "
+        f"{idle['workspace_rss_mb']:.1f} MB RSS in all; {idle['pool_ready_end']:.0f} warm execs ready at the end "
+        f"(other workspace processes left by the one request: {idle['workspace_other']:.0f}).",
+    ]
+    return "\n".join(lines) + "\n"
