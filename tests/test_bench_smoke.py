@@ -34,7 +34,8 @@ def test_bench_runs_quick(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = out.read_text()
-    for heading in ("## Round trip", "## Streaming throughput", "## Concurrency", "## Footprint"):
+    headings = ("## Round trip", "## Streaming throughput", "## Concurrency", "## Footprint", "## Warm execs")
+    for heading in headings:
         assert heading in report
     latency = {row["contender"] for row in markdown_table(report, "## Round trip")}
     assert latency == {"proxy-kube", "kubectl", "direct-ws", "direct-ws+wrapper", "proxy-local", "subprocess"}
@@ -45,3 +46,4 @@ def test_bench_runs_quick(tmp_path: Path) -> None:
     assert levels == {(name, level) for name in ("proxy-kube", "proxy-local", "direct-ws") for level in "12"}
     errors = {(row["contender"], row["streams"]): row["errors"] for row in concurrency}
     assert set(errors.values()) == {"0"}, errors
+    assert "| 25 ms | 1 |" in report  # the warm section's modelled start cost

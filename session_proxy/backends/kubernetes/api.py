@@ -67,7 +67,8 @@ class KubeApi:
             self._token_file = TokenFile(self._settings.token_file)
             self._token_file.current()
         # Every exec holds a connection for its whole life: size the pool for all of them.
-        configuration.connection_pool_maxsize = self._settings.max_concurrent * 3 + 10
+        settings = self._settings
+        configuration.connection_pool_maxsize = settings.max_concurrent * 3 + settings.warm_execs + 10
         self._configuration = configuration
         try:
             self._api_client = kube_client.ApiClient(configuration)
