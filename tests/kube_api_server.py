@@ -682,24 +682,40 @@ class ExecSession:
         if self.server.exec_start_delay:
             await asyncio.sleep(self.server.exec_start_delay)
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if self.streams["stdin"] else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if self.streams["stdout"] else asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE if self.streams["stderr"] else asyncio.subprocess.DEVNULL,
-                cwd=self.pod.root,
-                env={
-                    "PATH": self.pod.path,
-                    "HOME": "/root",
-                    "HOSTNAME": self.pod.name,
-                    "FAKE_POD_UID": self.pod.uid,
-                },
-                start_new_session=True,
+            # Shielded: a session cancelled mid-spawn (the server stopping) must not drop a
+            # running process's transport unreaped; it is abandoned as a runtime would leave it.
+            spawn = asyncio.ensure_future(
+                asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE if self.streams["stdin"] else asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE if self.streams["stdout"] else asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE if self.streams["stderr"] else asyncio.subprocess.DEVNULL,
+                    cwd=self.pod.root,
+                    env={
+                        "PATH": self.pod.path,
+                        "HOME": "/root",
+                        "HOSTNAME": self.pod.name,
+                        "FAKE_POD_UID": self.pod.uid,
+                    },
+                    start_new_session=True,
+                )
             )
+            self.process = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            spawn.add_done_callback(self.abandon)
+            raise
         except OSError as error:
             await self.status(exec_failure(self.command, error))
             return
         await self.pump()
+
+    def abandon(self, spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
+        """A process started for a session that is gone: its pipes closed (stdin EOF), reaped later."""
+        if spawn.cancelled() or spawn.exception() is not None:
+            return
+        self.process = spawn.result()
+        self.close_pipes()
+        self.server.reap_later(self.process)
 
     async def pump(self) -> None:
         process = self.process
