@@ -206,7 +206,7 @@ def render(figures: WarmFigures, runs: int, levels: tuple[int, ...]) -> str:
                 + " | ".join(f"{c:.1f}" for c in cells)
                 + f" | **{ratio:.2f}** | {share:.0%} |"
             )
-    lines += ["", "Targets (issue 12): "]
+    lines += ["", "Targets (issue 12):"]
     for cost, target in ((0.025, 0.25), (0.0, 0.6)):
         for level in levels:
             ratio = figures.p50[(cost, "proxy-kube warm", level)] / figures.p50[(cost, "direct-ws", level)]
