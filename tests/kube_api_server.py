@@ -246,6 +246,7 @@ class KubeApiServer:
         # measured at 4-27 ms per exec (opencontainers/runc #4432, #4448); 0 models a free start.
         self.exec_start_delay = 0.0
         self.sessions: set[ExecSession] = set()  # exec streams open now
+        self.spawns: set[asyncio.Future[Any]] = set()  # exec'd processes being started
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._ca = trustme.CA()
@@ -342,6 +343,9 @@ class KubeApiServer:
         for task in list(self._exec_tasks):
             task.cancel()
         await asyncio.gather(*self._exec_tasks, return_exceptions=True)
+        # A session cancelled mid-spawn abandons its process once spawned: wait for that, so the
+        # process is killed and reaped below.
+        await asyncio.gather(*self.spawns, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         for pod in [*self.pods.values(), *self.deleted]:
@@ -700,6 +704,8 @@ class ExecSession:
                     start_new_session=True,
                 )
             )
+            self.server.spawns.add(spawn)
+            spawn.add_done_callback(self.server.spawns.discard)
             self.process = await asyncio.shield(spawn)
         except asyncio.CancelledError:
             spawn.add_done_callback(self.abandon)
