@@ -235,6 +235,7 @@ class BrokenExecution:
         self._error = error
         self.target = inner.target
         self.guarantees = inner.guarantees
+        self.warm = inner.warm
         self._chunks = 0
 
     async def next_chunk(self) -> OutputChunk | None:
