@@ -247,6 +247,7 @@ class KubeApiServer:
         self.exec_start_delay = 0.0
         self.sessions: set[ExecSession] = set()  # exec streams open now
         self.spawns: set[asyncio.Future[Any]] = set()  # exec'd processes being started
+        self.processes: list[asyncio.subprocess.Process] = []  # every exec'd process, for stop()
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._ca = trustme.CA()
@@ -352,6 +353,12 @@ class KubeApiServer:
             kill_pod_processes(pod.uid)
         if self._reapers:
             await asyncio.wait(self._reapers, timeout=10)
+        # An exited process's transport closes itself only once its pipe callbacks ran; close
+        # every one that is left, so none is collected unclosed (a ResourceWarning) later.
+        for process in self.processes:
+            transport = getattr(process, "_transport", None)
+            if transport is not None and process.returncode is not None:
+                transport.close()
 
     # ---- middleware ----------------------------------------------------------------------
 
@@ -707,6 +714,7 @@ class ExecSession:
             self.server.spawns.add(spawn)
             spawn.add_done_callback(self.server.spawns.discard)
             self.process = await asyncio.shield(spawn)
+            self.server.processes.append(self.process)
         except asyncio.CancelledError:
             spawn.add_done_callback(self.abandon)
             raise
@@ -720,6 +728,7 @@ class ExecSession:
         if spawn.cancelled() or spawn.exception() is not None:
             return
         self.process = spawn.result()
+        self.server.processes.append(self.process)
         self.close_pipes()
         self.server.reap_later(self.process)
 

@@ -181,6 +181,8 @@ async def test_command_does_not_inherit_an_ignored_sigpipe(
     assert not ignored & (1 << (signal.SIGPIPE - 1)), hex(ignored)
 
 
+# Cold only: it changes the image (or faults the next exec) after the pool's execs were opened.
+@pytest.mark.parametrize("exec_path", ["cold"])
 async def test_stdin_closed_upstream_is_reported_as_transport_lost(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
 ) -> None:

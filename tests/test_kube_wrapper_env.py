@@ -142,6 +142,8 @@ async def test_program_is_looked_up_with_the_requests_path(
     assert "'sh' was not found" in final(events)["message"]
 
 
+# Cold only: it changes the image (or faults the next exec) after the pool's execs were opened.
+@pytest.mark.parametrize("exec_path", ["cold"])
 async def test_an_entry_the_shell_refuses_is_an_error(
     http: aiohttp.ClientSession, kube_setup: KubeSetup
 ) -> None:
