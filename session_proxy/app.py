@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import auth, handlers
 from .backends.base import ExecBackend
 from .guards import SECURITY_HEADERS, json_errors, local_only
-from .keys import ADMISSION, AUTH_TOKEN, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
+from .keys import ADMISSION, AUTH_TOKEN, BACKEND, EXEC_APP, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
 from .limits import Admission
 from .mcp import http as mcp_http
 from .metrics import Metrics
@@ -104,6 +105,7 @@ def create_ops_app(exec_app: web.Application) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[EXEC_APP] = exec_app
     app[METRICS] = exec_app[METRICS]
+    app[METRICS_HANDLER] = make_aiohttp_handler(app[METRICS].registry)
     app.router.add_get("/metrics", handlers.get_metrics)
     app.router.add_get("/healthz", handlers.get_healthz)
     app.router.add_get("/readyz", handlers.get_readyz)

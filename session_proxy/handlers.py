@@ -19,7 +19,7 @@ from .errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, SETTINGS, SUPERVISOR
+from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
 from .models import ExecRequest, RequestJsonError, load_request_json
 from .openapi import openapi_document
 from .settings import Settings
@@ -183,15 +183,12 @@ async def get_openapi(request: web.Request) -> web.Response:
 # Ops listener: reachable from the pod network, so nothing here runs commands or shows data.
 
 
-async def get_metrics(request: web.Request) -> web.Response:
+async def get_metrics(request: web.Request) -> web.StreamResponse:
     exec_app = request.app[EXEC_APP]
     info = await exec_app[BACKEND].info()
     metrics = exec_app[METRICS]
     metrics.workspace_ready.set(1 if info.ready else 0)
-    return web.Response(
-        body=metrics.exposition(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+    return await request.app[METRICS_HANDLER](request)
 
 
 async def get_readyz(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .backends.base import ExecBackend
 from .limits import Admission
@@ -17,3 +18,5 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 ADMISSION = web.AppKey("admission", Admission)
 EXEC_APP = web.AppKey("exec_app", web.Application)
 AUTH_TOKEN = web.AppKey("auth_token", str)  # empty: no token required
+# prometheus_client's own exposition handler (content negotiation, compression) for one registry.
+METRICS_HANDLER = web.AppKey[Handler]("metrics_handler")
