@@ -149,9 +149,9 @@ class ExecRun:
         self._starting = None
         self._execution = execution
         self._record.started(execution.target, warm=execution.warm)
-        if self._stopping:
-            self._record.outcome = "shutdown"
-            raise shutting_down()
+        # A stop that came while the command was being spawned (too late to cancel) finds it
+        # started: it is then streamed like any exec and ends at once with reason shutdown, so
+        # the client learns that it ran rather than a 503 saying it did not.
         return execution
 
     async def _stream(self, execution: Execution) -> ExitReason:

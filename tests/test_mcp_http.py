@@ -205,6 +205,7 @@ async def test_shutdown_ends_open_mcp_sessions(make_proxy: ProxyFactory, marker:
             await proxy.server.stop()
         result = await call
     assert result.is_error is True
+    assert result.structured_content is not None, result.content
     assert result.structured_content["reason"] == "shutdown"
     assert await survivors(marker) == []
 
