@@ -195,3 +195,32 @@ async def test_stdin_closed_upstream_is_reported_as_transport_lost(
     assert (exit_event["reason"], exit_event["exit_code"]) == ("transport_lost", None)
     assert "wrapper" in exit_event["message"]
     assert await survivors(marker) == []
+
+
+def backstop_sleeps(seconds: set[str]) -> list[psutil.Process]:
+    """The wrappers' deadline timers still sleeping for one of these durations."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        command = process.info["cmdline"] or []
+        is_sleep = process.info["status"] != psutil.STATUS_ZOMBIE and command[:1] == ["sleep"]
+        if is_sleep and command[1:2] and command[1] in seconds:
+            found.append(process)
+    return found
+
+
+@pytest.mark.timeout(120)
+async def test_backstop_timer_leaves_no_sleep_behind(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup
+) -> None:
+    """Short commands end their wrapper's deadline timer with them: no `sleep` outlives it. (A
+    TERM that came before the sleep's pid was known, or between its fork and its exec, used to
+    leave it running for the whole backstop: about 1 exec in 6.)"""
+    for _ in range(40):
+        events = await exec_events(http, kube_setup.proxy, {"command": ["true"], "timeout": 1234})
+        assert final(events)["reason"] == "exited"
+    # The backstop is the time left (1233 or 1234 s) + the kill grace (1 s) + 5 s.
+    durations = {"1239", "1240"}
+    deadline = asyncio.get_running_loop().time() + 15
+    while (left := backstop_sleeps(durations)) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    assert left == []

@@ -203,11 +203,21 @@ fi
 # Only now: a signal ignored before the command started would stay ignored in it.
 trap '' PIPE
 # The backstop. A sleep that cannot run (it failed, rather than slept) fires nothing.
+# A TERM can come at any point, even before the sleep's pid is known: the first trap only notes
+# it, and the note is looked at again once the trap that kills the sleep is in place, so the
+# sleep never outlives the timer. The sleep gets KILL: a TERM sent between its fork and its exec
+# is caught by the forked shell's own handler and lost (seen in dash and busybox).
 (
     exec </dev/null >/dev/null 2>&1 3<&-
-    trap 'kill -TERM "$__sp_sleeper" 2>/dev/null; exit 0' TERM
+    __sp_timer_ended=
+    trap '__sp_timer_ended=1' TERM
     sleep "$__sp_deadline" &
     __sp_sleeper=$!
+    trap 'kill -KILL "$__sp_sleeper" 2>/dev/null; exit 0' TERM
+    if [ -n "$__sp_timer_ended" ]; then
+        kill -KILL "$__sp_sleeper" 2>/dev/null
+        exit 0
+    fi
     wait "$__sp_sleeper" && kill -USR2 "$__sp_main"
 ) &
 __sp_timer=$!
