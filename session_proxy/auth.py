@@ -13,18 +13,10 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import ProxyError
+from .errors import Unauthorized
 
 TOKEN_BYTES = 32
 FILE_MODE = 0o640  # the agent reads it through the pod's shared group
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    code = "unauthorized"
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Bearer realm="session-proxy"'}
 
 
 def load_or_create(path: str) -> str:

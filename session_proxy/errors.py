@@ -2,7 +2,7 @@
 
     ProxyError
     ├── MalformedRequest        400 malformed_request
-    ├── auth.Unauthorized       401 unauthorized (with --auth-token-file)
+    ├── Unauthorized            401 unauthorized (with --auth-token-file)
     ├── GuardRefused            403 forbidden
     ├── NotFound                404 not_found
     ├── MethodNotAllowed        405 method_not_allowed (with Allow)
@@ -45,6 +45,14 @@ class ProxyError(Exception):
 class MalformedRequest(ProxyError):
     status = 400
     code = "malformed_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="session-proxy"'}
 
 
 class GuardRefused(ProxyError):
