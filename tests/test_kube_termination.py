@@ -85,6 +85,11 @@ async def test_dead_man_switch_alone_ends_the_group(
     await wait_for_processes(marker, 2)
     response.close()
     assert await survivors(marker, within=20) == []
+    # The kill exec is made by the exec's end task, which may still be on its way: the dead-man
+    # switch alone can win the race. Wait for it in the request log.
+    deadline = asyncio.get_running_loop().time() + 20
+    while not kill_execs(kube_setup.api, start["exec_id"]) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
     assert kill_execs(kube_setup.api, start["exec_id"]), "a kill exec was tried (and refused)"
 
 
