@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,17 @@ def marker() -> str:
 def forking(marker: str, before: str = "") -> list[str]:
     """A command with a background and a foreground child, both long sleepers carrying ``marker``."""
     return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
+
+
+def image_without_setsid(tmp_path: Path) -> str:
+    """A PATH offering a shell and the basics, but no setsid."""
+    bin_dir = tmp_path / "image-bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "head", "cat", "sleep", "env"):
+        target = shutil.which("dash" if tool == "sh" else tool)
+        assert target
+        (bin_dir / tool).symlink_to(target)
+    return str(bin_dir)
 
 
 def live_processes(matches: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
