@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
@@ -70,25 +70,7 @@ def default_token() -> str | None:
         raise ProxyClientError(f"cannot read the proxy token from {path}: {error.strerror}") from None
 
 
-class _ClosedOnLeaving:
-    """``async with`` gives the object itself and ends it (``_end``) on leaving the block."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self._end()
-
-    async def _end(self) -> None:
-        raise NotImplementedError
-
-
-class ExecClient(_ClosedOnLeaving):
+class ExecClient:
     def __init__(
         self, url: str | None = None, *, token: str | None = None, connect_timeout: float = 10
     ) -> None:
@@ -106,11 +88,19 @@ class ExecClient(_ClosedOnLeaving):
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
         )
 
+    async def __aenter__(self) -> ExecClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
     async def close(self) -> None:
         await self._session.close()
-
-    async def _end(self) -> None:
-        await self.close()
 
     def exec(
         self,
@@ -163,7 +153,7 @@ class ExecClient(_ClosedOnLeaving):
             raise ProxyProtocolError(f"talking to session-proxy failed: {error!r}") from error
 
 
-class ExecEvents(_ClosedOnLeaving):
+class ExecEvents:
     """The events of one exec: ``async for`` over it; ``async with`` it to end it on leaving."""
 
     def __init__(self, events: AsyncGenerator[ExecEvent, None]) -> None:
@@ -175,12 +165,20 @@ class ExecEvents(_ClosedOnLeaving):
     async def __anext__(self) -> ExecEvent:
         return await anext(self._events)
 
+    async def __aenter__(self) -> ExecEvents:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         """Stop reading: if the exec has not ended, the proxy ends the command now."""
         await self._events.aclose()
-
-    async def _end(self) -> None:
-        await self.aclose()
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> ProxyRefused:
