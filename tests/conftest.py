@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,52 +123,62 @@ def forking(marker: str, before: str = "") -> list[str]:
     return ["sh", "-c", f"{before}sleep {marker} & sleep {marker}"]
 
 
-def processes_with(marker: str) -> list[psutil.Process]:
+def image_without_setsid(tmp_path: Path) -> str:
+    """A PATH offering a shell and the basics, but no setsid."""
+    bin_dir = tmp_path / "image-bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "head", "cat", "sleep", "env"):
+        target = shutil.which("dash" if tool == "sh" else tool)
+        assert target
+        (bin_dir / tool).symlink_to(target)
+    return str(bin_dir)
+
+
+def live_processes(matches: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+    """The processes (zombies aside) that ``matches``; one that ends or hides while it is
+    looked at is skipped."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         try:
-            if process.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if any(marker in part for part in process.info["cmdline"] or []):
+            if process.info["status"] != psutil.STATUS_ZOMBIE and matches(process):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
 
 
-async def survivors(marker: str, within: float = 10.0) -> list[psutil.Process]:
-    """Processes still carrying ``marker`` after polling up to ``within`` seconds."""
+async def still_there(find: Callable[[], list[psutil.Process]], within: float) -> list[psutil.Process]:
+    """What ``find`` still returns after polling up to ``within`` seconds for it to be empty."""
     deadline = time.monotonic() + within
-    while (left := processes_with(marker)) and time.monotonic() < deadline:
+    while (left := find()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return left
+
+
+def processes_with(marker: str) -> list[psutil.Process]:
+    return live_processes(lambda process: any(marker in part for part in process.info["cmdline"] or []))
+
+
+async def survivors(marker: str, within: float = 10.0) -> list[psutil.Process]:
+    """Processes still carrying ``marker`` after polling up to ``within`` seconds."""
+    return await still_there(lambda: processes_with(marker), within)
 
 
 def pod_processes(pod_uid: str) -> list[psutil.Process]:
     """The shells (``sh -c SCRIPT``: wrappers, waiting or running) the API test server started
     for the pod with this uid. (A wrapper's deadline ``sleep`` can outlive it: a known wrapper
     race, left to the wrapper script's own fix, so it is not counted here.)"""
-    found = []
-    for process in psutil.process_iter(["status", "cmdline"]):
-        try:
-            command = process.info["cmdline"] or []
-            if (
-                process.info["status"] != psutil.STATUS_ZOMBIE
-                and command[1:2] == ["-c"]
-                and process.environ().get("FAKE_POD_UID") == pod_uid
-            ):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    return live_processes(
+        lambda process: (
+            (process.info["cmdline"] or [])[1:2] == ["-c"]
+            and process.environ().get("FAKE_POD_UID") == pod_uid
+        )
+    )
 
 
 async def pod_survivors(pod_uid: str, within: float = 10.0) -> list[psutil.Process]:
     """The pod's shells still alive after polling up to ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while (left := pod_processes(pod_uid)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return left
+    return await still_there(lambda: pod_processes(pod_uid), within)
 
 
 async def wait_for_processes(marker: str, count: int, within: float = 10.0) -> None:

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .conftest import ProxyFactory, RunningProxy, exec_events, final, kube_proxy, output_of
+from .conftest import (
+    ProxyFactory,
+    RunningProxy,
+    exec_events,
+    final,
+    image_without_setsid,
+    kube_proxy,
+    output_of,
+)
 from .kube_api_server import Fault
 
 LABELS = {"session": "s1", "type": "workspace"}
-
-
-def image_without_setsid(tmp_path: Path) -> str:
-    """A PATH offering a shell and the basics, but no setsid."""
-    bin_dir = tmp_path / "image-bin"
-    bin_dir.mkdir()
-    for tool in ("sh", "head", "cat", "sleep", "env"):
-        target = shutil.which("dash" if tool == "sh" else tool)
-        assert target
-        (bin_dir / tool).symlink_to(target)
-    return str(bin_dir)
 
 
 async def answer(

@@ -118,6 +118,19 @@ async def test_right_owner_is_accepted(
     assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
 
 
+async def echo_ran_starting(
+    http: aiohttp.ClientSession, proxy: RunningProxy, pod: Any
+) -> list[dict[str, Any]]:
+    """Exec `echo ran`, making the pod running and ready once the request is seen waiting."""
+    events = []
+    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
+        async for line in response.content:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "waiting":  # the request is waiting: now the pod starts
+                pod.phase, pod.ready, pod.container_running = "Running", True, True
+    return events
+
+
 async def test_waits_for_a_starting_pod_with_waiting_events(
     http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -126,12 +139,7 @@ async def test_waits_for_a_starting_pod_with_waiting_events(
     pod = kube.add_pod("ws-1", labels=LABELS, phase="Pending", ready=False, container_running=False,
                        waiting_reason="ImagePullBackOff")  # fmt: skip
     proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=20)
-    events = []
-    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
-        async for line in response.content:
-            events.append(json.loads(line))
-            if events[-1]["type"] == "waiting":  # the request is waiting: now the pod starts
-                pod.phase, pod.ready, pod.container_running = "Running", True, True
+    events = await echo_ran_starting(http, proxy, pod)
     assert events[0]["type"] == "waiting"
     assert "ImagePullBackOff" in events[0]["message"]
     assert [e["type"] for e in events].index("start") > 0
@@ -151,12 +159,7 @@ async def test_expired_watch_version_lists_again(
     pod = kube.add_pod("ws-1", labels=LABELS, ready=False)
     kube.history.compacted = 10**9  # every watch finds its version expired
     proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=8)
-    events = []
-    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
-        async for line in response.content:
-            events.append(json.loads(line))
-            if events[-1]["type"] == "waiting":
-                pod.ready = True
+    events = await echo_ran_starting(http, proxy, pod)
     assert output_of(events, "stdout") == b"ran\n"
     lists = [r for r in kube.requests if r.path.endswith("/pods") and ("watch", "true") not in r.query]
     assert len(lists) >= 2
@@ -170,12 +173,7 @@ async def test_role_without_watch_falls_back_to_polling(
     pod = kube.add_pod("ws-1", labels=LABELS, ready=False)
     kube.forbidden.add(("watch", "pods"))
     proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=20)
-    events = []
-    async with http.post(f"{proxy.url}/exec", json={"command": ["echo", "ran"]}) as response:
-        async for line in response.content:
-            events.append(json.loads(line))
-            if events[-1]["type"] == "waiting":
-                pod.ready = True
+    events = await echo_ran_starting(http, proxy, pod)
     assert output_of(events, "stdout") == b"ran\n"
     assert final(events)["exit_code"] == 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -18,6 +17,7 @@ from .conftest import (
     check_path,
     final,
     fresh_setup,
+    image_without_setsid,
     kube_exec,
     kube_proxy,
     output_of,
@@ -295,13 +295,7 @@ async def test_image_without_setsid_degrades_and_says_so(
 ) -> None:
     """An image with a shell but no setsid still runs commands; the start event says kill is
     not guaranteed, and a timeout still ends the command itself."""
-    bin_dir = tmp_path / "image-bin"
-    bin_dir.mkdir()
-    for tool in ("sh", "head", "cat", "sleep", "env"):
-        target = shutil.which("dash" if tool == "sh" else tool)
-        assert target
-        (bin_dir / tool).symlink_to(target)
-    kube_setup.pod.path = str(bin_dir)
+    kube_setup.pod.path = image_without_setsid(tmp_path)
     kube_setup = await fresh_setup(http, kube_setup, make_proxy, tmp_path)
     events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo hi; exit 3"]})
     assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": False}

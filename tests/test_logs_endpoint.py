@@ -29,17 +29,23 @@ async def test_local_backend_has_no_log(http: aiohttp.ClientSession, proxy: Runn
     assert "kubernetes backend" in error["message"]
 
 
+async def tail_refusal(http: aiohttp.ClientSession, url: str, tail: str) -> dict[str, Any]:
+    """GET /logs with this tail, which must be refused with 422 naming `tail`; the error."""
+    async with http.get(f"{url}/logs", params={"tail": tail}) as response:
+        assert response.status == 422
+        error: dict[str, Any] = (await response.json())["error"]
+    assert [f["field"] for f in error["fields"]] == ["tail"]
+    return error
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("tail", BAD_TAILS)
 async def test_bad_tail_is_422_on_the_local_backend(
     http: aiohttp.ClientSession, proxy: RunningProxy, tail: str
 ) -> None:
     """A tail that is not a whole number from 0 to 10000 is refused with 422 naming `tail`."""
-    async with http.get(f"{proxy.url}/logs", params={"tail": tail}) as response:
-        assert response.status == 422
-        error = (await response.json())["error"]
+    error = await tail_refusal(http, proxy.url, tail)
     assert error["code"] == "invalid_request"
-    assert [f["field"] for f in error["fields"]] == ["tail"]
     assert "0" in error["message"]
     assert "10000" in error["message"]
 
@@ -51,9 +57,7 @@ async def test_bad_tail_never_reaches_the_api_server(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, tail: str
 ) -> None:
     """On Kubernetes a bad tail is refused with 422 before any log request is made."""
-    async with http.get(f"{kube_setup.proxy.url}/logs", params={"tail": tail}) as response:
-        assert response.status == 422
-        assert [f["field"] for f in (await response.json())["error"]["fields"]] == ["tail"]
+    await tail_refusal(http, kube_setup.proxy.url, tail)
     assert log_requests(kube_setup.api) == []
 
 

@@ -31,6 +31,10 @@ INSTRUCTIONS: Final = (
     "Commands run in the session's workspace (a separate container with the user's tools), "
     "not where you are. Use `exec` for every shell command."
 )
+# `status` and `logs` only look: the same call gives the same answer and changes nothing.
+READ_ONLY: Final = types.ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
 EXEC_OUTPUT_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -90,9 +94,7 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             "says the workspace is not ready.",
             input_schema={"type": "object", "properties": {}, "additionalProperties": False},
             output_schema=StatusResponse.model_json_schema(),
-            annotations=types.ToolAnnotations(
-                read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-            ),
+            annotations=READ_ONLY,
         ),
         types.Tool(
             name="logs",
@@ -101,9 +103,7 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             "process printed, not the output of `exec` commands); useful when the workspace "
             "restarts or fails to start. Kubernetes only.",
             input_schema=LogsArguments.model_json_schema(),
-            annotations=types.ToolAnnotations(
-                read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-            ),
+            annotations=READ_ONLY,
         ),
     ]
 
