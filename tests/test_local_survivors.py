@@ -22,6 +22,16 @@ from session_proxy.metrics import Metrics
 from .conftest import processes_with
 
 
+def kill_tree(root: subprocess.Popen[bytes], marker: str) -> None:
+    """SIGKILL the test's own process group and wait until its marked processes are gone: the
+    orphaned ones die when next scheduled, which on a busy machine is not at once."""
+    os.killpg(root.pid, signal.SIGKILL)
+    root.wait()
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def wait_for_sleepers(marker: str, count: int) -> list[int]:
     deadline = time.monotonic() + 10
     while len(found := [p for p in processes_with(marker) if p.info["cmdline"][0] == "sleep"]) < count:
@@ -49,12 +59,7 @@ def test_tree_ender_reports_a_process_that_survives_kill(marker: str) -> None:
         assert mortal not in [p.pid for p in processes_with(marker)]
         assert root.poll() is None  # the root itself is not part of what is ended
     finally:
-        os.killpg(root.pid, signal.SIGKILL)
-        root.wait()
-        # The orphaned sleepers die when next scheduled, which on a busy machine is not at once.
-        deadline = time.monotonic() + 10
-        while processes_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        kill_tree(root, marker)
 
 
 @pytest.mark.timeout(30)
@@ -69,12 +74,7 @@ def test_both_tree_walks_find_the_same_descendants(marker: str) -> None:
         assert len(walked) == 4  # three sleepers and the inner shell
         assert walked == sorted(entry.pid for entry in _live_descendants_from_table(root.pid))
     finally:
-        os.killpg(root.pid, signal.SIGKILL)
-        root.wait()
-        # The orphaned sleepers die when next scheduled, which on a busy machine is not at once.
-        deadline = time.monotonic() + 10
-        while processes_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        kill_tree(root, marker)
 
 
 class LeaderReportingASurvivor:
