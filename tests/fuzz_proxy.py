@@ -1,5 +1,5 @@
 """A proxy for fuzzing: its own process, run as an unprivileged user, its local backend rooted in
-a fresh temporary directory, so that random argv can do no harm (``.ci/run`` creates the user).
+a fresh temporary directory, so that random argv can do no harm (the users are made as needed).
 
 The user cannot be assumed to read the checkout or the virtualenv: either may sit under a
 private directory (a home directory, ``mktemp -d``). So the proxy runs from a runtime copy made
@@ -10,6 +10,7 @@ fresh world-readable, root-owned directory that the fuzzed commands can read but
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -31,6 +32,7 @@ import pytest
 from packaging.requirements import Requirement
 
 FUZZ_USER = "sp-fuzz"
+MAX_FUZZ_USERS = 8
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb'"exec_url": "http://127.0.0.1:(\d+)"')
 # Settings that keep whatever random argv runs short and small.
@@ -68,22 +70,40 @@ class UnprivilegedProxy:
         return problems
 
 
-def _fuzz_user() -> pwd.struct_passwd:
-    """The unprivileged user, or a skip/failure that says exactly what is missing."""
-    try:
-        user = pwd.getpwnam(FUZZ_USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            pytest.skip(
-                f"FUZZING NOT RUN: user {FUZZ_USER!r} is missing and this is not root "
-                f"(.ci/run creates it: useradd --system {FUZZ_USER})"
-            )
-        pytest.fail(
-            f"user {FUZZ_USER!r} is missing: create it (useradd --system {FUZZ_USER}) as .ci/run does"
-        )
+@contextlib.contextmanager
+def _fuzz_user() -> Iterator[pwd.struct_passwd]:
+    """A fuzz user no other running fuzzed proxy has (xdist workers run them at once).
+
+    Every process of that user is then this proxy's: the leftover check is exact, and random
+    argv (``kill -9 -1``) reaches no other proxy. ``sp-fuzz`` first, then ``sp-fuzz-1``, ...,
+    each held through a lock file for the proxy's lifetime and created when missing.
+    """
     if os.geteuid() != 0:
-        pytest.skip(f"FUZZING NOT RUN: switching to {FUZZ_USER!r} needs root (CI runs as root)")
-    return user
+        pytest.skip(f"FUZZING NOT RUN: running as {FUZZ_USER!r} needs root (CI runs as root)")
+    for index in range(MAX_FUZZ_USERS):
+        name = FUZZ_USER if index == 0 else f"{FUZZ_USER}-{index}"
+        with (Path(tempfile.gettempdir()) / f"{name}.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            yield _existing_user(name)
+            return
+    pytest.fail(f"all {MAX_FUZZ_USERS} fuzz users are busy")
+
+
+def _existing_user(name: str) -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    with (Path(tempfile.gettempdir()) / "sp-fuzz-useradd.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # useradd refuses while another holds /etc/passwd
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return pwd.getpwnam(name)
 
 
 def _runtime_distributions() -> list[importlib.metadata.Distribution]:
@@ -166,7 +186,9 @@ def _interpreter_for(user: pwd.struct_passwd, runtime: Path) -> str:
         if probe.returncode == 0:
             return candidate
         tried.append(f"{candidate}: {probe.stderr.decode(errors='replace').strip()[-200:]}")
-    message = f"no Python {version} that {FUZZ_USER} can run (install the system's python{version}): {tried}"
+    message = (
+        f"no Python {version} that {user.pw_name} can run (install the system's python{version}): {tried}"
+    )
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(f"FUZZING NOT RUN: {message}")
@@ -175,8 +197,7 @@ def _interpreter_for(user: pwd.struct_passwd, runtime: Path) -> str:
 @contextlib.contextmanager
 def unprivileged_proxy(log_dir: Path, *flags: str) -> Iterator[UnprivilegedProxy]:
     """Start ``session-proxy serve`` as the fuzz user; at the end stop it and check what is left."""
-    user = _fuzz_user()
-    with _runtime() as runtime:
+    with _fuzz_user() as user, _runtime() as runtime:
         yield from _run_unprivileged(user, runtime, log_dir, flags)
 
 
@@ -226,7 +247,7 @@ def _run_unprivileged(
         for leftover in left:
             leftover.kill()
         shutil.rmtree(root, ignore_errors=True)
-    assert not left, f"processes of {FUZZ_USER} left running: {[p.info['cmdline'] for p in left]}"
+    assert not left, f"processes of {user.pw_name} left running: {[p.info['cmdline'] for p in left]}"
 
 
 def _processes_of(uid: int) -> list[psutil.Process]:
