@@ -161,15 +161,23 @@ def _check_host(request: web.Request, accepted: frozenset[str] | None) -> None:
 
 
 def _check_not_browser(request: web.Request) -> None:
+    """Refuse what only browsers send: ``Origin`` or ``Sec-Fetch-Site``.
+
+    Browsers send ``Origin`` on every cross-origin POST and the four fetch metadata headers
+    (``Sec-Fetch-Site``, ``-Mode``, ``-Dest``, ``-User``) together, on every request to a
+    loopback URL; so ``Sec-Fetch-Site`` alone marks every browser request that ``Sec-Fetch-*``
+    did. Node's ``fetch`` (undici) sends ``Sec-Fetch-Mode: cors`` and nothing else of the
+    kind, and must get in: it carries most JavaScript MCP clients.
+    """
     if "Origin" in request.headers:
         raise GuardRefused(
             "requests with an Origin header (from a web page) are refused; use curl, the "
             "session-proxy CLI or an HTTP client library",
             code="browser_request",
         )
-    if any(name.lower().startswith("sec-fetch-") for name in request.headers):
+    if "Sec-Fetch-Site" in request.headers:
         raise GuardRefused(
-            "requests with Sec-Fetch-* headers (from a browser) are refused",
+            "requests with a Sec-Fetch-Site header (from a browser) are refused",
             code="browser_request",
         )
 
@@ -184,6 +192,16 @@ async def local_only(request: web.Request, handler: Handler) -> web.StreamRespon
     _check_target(request, accepted)
     _check_not_browser(request)
     token = request.app.get(AUTH_TOKEN, "")
-    if token:
+    if token and not _no_such_path(request):
         check_bearer(request.headers.get("Authorization"), token)
     return await handler(request)
+
+
+def _no_such_path(request: web.Request) -> bool:
+    """A path nothing serves answers 404 with or without the token.
+
+    MCP clients that meet a 401 look for OAuth (``/.well-known/oauth-*``, ``/register``);
+    a 401 there too would send them into a sign-in flow this proxy does not have, instead of
+    telling the user the token is missing.
+    """
+    return isinstance(request.match_info.http_exception, web.HTTPNotFound)

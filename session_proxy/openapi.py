@@ -25,7 +25,7 @@ ERRORS = {
     "400": "Body is not strict JSON: not JSON, a duplicate key, NaN/Infinity, nested too deeply "
     "(malformed_request); or the request is not valid HTTP/1.1 (malformed_http)",
     "401": "No or wrong bearer token, when --auth-token-file is set (unauthorized)",
-    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-*, or a request "
+    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-Site, or a request "
     "target naming another host (bad_host, browser_request, bad_target)",
     "408": "The body did not arrive within --body-timeout (body_timeout); the connection is closed",
     "413": "Body larger than the configured maximum (body_too_large)",
