@@ -29,6 +29,8 @@ from .keys import AUTH_TOKEN, METRICS
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+# Where OAuth clients look for an authorization server and register (RFC 8414, 9728, 7591).
+OAUTH_PATHS: Final = ("/.well-known/oauth-", "/.well-known/openid-", "/register", "/authorize", "/token")
 SECURITY_HEADERS: Final = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
@@ -40,7 +42,13 @@ def error_response(error: ProxyError) -> web.Response:
     )
 
 
-def _from_http_exception(exception: web.HTTPException) -> ProxyError:
+def _from_http_exception(exception: web.HTTPException, path: str) -> ProxyError:
+    if exception.status == 404 and path.startswith(OAUTH_PATHS):
+        # An MCP client that met a 401 looks for OAuth here, and shows the user this message.
+        return NotFound(
+            "session-proxy has no OAuth: send 'Authorization: Bearer <token>' with the token from "
+            "the file in SESSION_PROXY_AUTH_TOKEN_FILE"
+        )
     if exception.status == 404:
         return NotFound("no such endpoint; see GET /openapi.json for the API")
     if exception.status == 405:
@@ -81,7 +89,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except web.HTTPException as exception:
-        error = _from_http_exception(exception)
+        error = _from_http_exception(exception, request.path)
     except ProxyError as proxy_error:
         error = proxy_error
     except Exception as exception:
