@@ -189,7 +189,7 @@ async def test_status_and_logs_tools(proxy: RunningProxy) -> None:
     assert status.structured_content["ready"] is True
     assert "is ready to run commands" in text_of(status)
     assert logs.is_error is True
-    assert "no workspace log" in text_of(logs)
+    assert text_of(logs).startswith("There is no workspace container log here: commands run as local")
     assert bad_tail.is_error is True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,14 @@ async def test_tools_are_listed_with_schemas(workspace: Workspace, transport: st
     )
     assert set(exec_tool.output_schema["required"]) >= {"exit_code", "reason", "stdout_bytes", "truncated"}
     assert "setsid" in exec_tool.description
-    if transport == "http":  # the bridge does not know the proxy's maximum; the proxy checks it
-        assert exec_tool.input_schema["properties"]["timeout"]["anyOf"][0]["maximum"] == 1800
+    # The real numbers, also through the stdio bridge (which asks the proxy for its timeouts).
+    assert "Timeout: default 300 s, at most 1800 s" in exec_tool.description
+    assert "beyond 30000 characters" in exec_tool.description
+    assert exec_tool.input_schema["properties"]["timeout"]["anyOf"][0]["maximum"] == 1800
+    # What the model reads of the input schema: the rule it must follow, no internal docstring.
+    assert "exactly one of `command`" in exec_tool.input_schema["description"]
+    assert "ExecArguments" not in json.dumps(exec_tool.input_schema)
+    assert exec_tool.output_schema["title"] == "exec result"
     assert exec_tool.annotations.destructive_hint is True
     assert exec_tool.annotations.open_world_hint is True
     assert tools["status"].annotations.read_only_hint is True
@@ -86,8 +93,8 @@ async def test_output_exit_code_and_structured_fields(
     assert result.is_error is False
     text = text_of(result)
     # Two pipes: where stderr's line lands among stdout's is up to the scheduler, not the proxy.
-    assert "err\n" in text
-    assert text.replace("err\n", "", 1) == "out\nhellofrom stdin\nexit code: 3"
+    assert "[stderr] err\n" in text
+    assert text.replace("[stderr] err\n", "", 1) == "out\nhellofrom stdin\nexit code: 3"
     structured = result.structured_content
     assert structured["exit_code"] == 3
     assert structured["reason"] == "exited"
@@ -134,8 +141,27 @@ async def test_timeout_is_an_error_and_leaves_no_process(
     text = text_of(result)
     assert text.startswith("started\n")
     assert "ran out of time (1 s)" in text
+    assert "at most 1800 s" in text
+    assert "setsid" not in text  # a detached process escapes every kill: never the advice
     assert text.splitlines()[-1].startswith("exit code: ")
     assert await survivors(marker, within=5) == []
+
+
+async def test_a_missing_program_reads_the_same_with_and_without_a_shell(
+    workspace: Workspace, transport: str, tmp_path: Path
+) -> None:
+    """argv naming no program: exit 127 and the reason on stderr, as through `sh -c`; not an early end."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        direct = await session.call_tool("exec", {"argv": ["no-such-program-here"]})
+        shell = await session.call_tool("exec", {"command": "no-such-program-here"})
+    for result in (direct, shell):
+        assert result.is_error is False, text_of(result)
+        assert result.structured_content["exit_code"] == 127
+        lines = text_of(result).split("\n")
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("[stderr] ")
+        assert "no-such-program-here" in lines[0]
+        assert lines[1] == "exit code: 127"
 
 
 async def test_progress_carries_output_while_the_command_runs(
@@ -190,10 +216,12 @@ async def test_long_output_is_cut_in_the_middle(workspace: Workspace, transport:
     assert structured["truncated"] is True
     text = text_of(result)
     assert text.startswith("line 00000 ")
-    assert text.endswith("err\nexit code: 0")
+    assert text.endswith("[stderr] err\nexit code: 0")
     assert "line 09999 " in text
     assert "line 05000 " not in text
     assert "characters left out in the middle" in text
+    shown = [line for line in text.split("\n") if line.startswith("line ")]
+    assert {len(line) for line in shown} == {99}  # the cut falls between lines
     assert len(text) < 30_000 + 500
 
 

@@ -35,7 +35,12 @@ INSTRUCTIONS: Final = (
 READ_ONLY: Final = types.ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
+EXEC_INPUT_DESCRIPTION: Final = (
+    "Give exactly one of `command` (a shell command line) or `argv` (a program and its "
+    "arguments, run without a shell); everything else is optional."
+)
 EXEC_OUTPUT_SCHEMA: Final = {
+    "title": "exec result",
     "type": "object",
     "properties": {
         "exit_code": {"type": ["integer", "null"], "description": "null when the command did not exit"},
@@ -63,15 +68,19 @@ def exec_description(options: ToolOptions) -> str:
         f"{workdir}). Timeout: {_limit(options.default_timeout, 'default')}, "
         f"{_limit(options.max_timeout, 'at most')}; when it runs out the command and every "
         "process it started are ended. Background processes end with the command unless "
-        "detached: `setsid server >/tmp/server.log 2>&1 </dev/null &`. stdout and stderr come back "
-        f"interleaved; beyond {options.max_output_chars} characters the middle is cut (the byte "
-        "counts stay exact), so send long output to a file and read parts of it. A non-zero exit "
-        "code is a normal result, not an error; the last line of the text says the exit code."
+        "detached: `setsid server >/tmp/server.log 2>&1 </dev/null &` (no timeout or kill reaches "
+        "it then: stop it yourself when done). stdout and stderr come back interleaved a line at a "
+        "time, each stderr line starting with `[stderr] `; beyond "
+        f"{options.max_output_chars} characters the middle is cut between lines (the byte counts "
+        "stay exact), so send long output to a file and read parts of it. A non-zero exit code is "
+        "a normal result, not an error; the last line of the text says the exit code."
     )
 
 
 def tool_list(options: ToolOptions) -> list[types.Tool]:
     exec_schema = ExecArguments.model_json_schema()
+    # Said in words: clients and model APIs refuse oneOf/anyOf at the top of an input schema.
+    exec_schema.update(title="exec arguments", description=EXEC_INPUT_DESCRIPTION)
     if options.max_timeout is not None:
         exec_schema["properties"]["timeout"]["anyOf"][0]["maximum"] = options.max_timeout
     return [
@@ -101,7 +110,8 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             title="Workspace container log",
             description="The last `tail` lines of the workspace container's own log (what its main "
             "process printed, not the output of `exec` commands); useful when the workspace "
-            "restarts or fails to start. Kubernetes only.",
+            "restarts or fails to start. Only the Kubernetes backend has one: on the local backend "
+            "it says so.",
             input_schema=LogsArguments.model_json_schema(),
             annotations=READ_ONLY,
         ),
@@ -208,7 +218,12 @@ class ToolCalls:
             text = await self._target.logs(arguments.tail)
         except ProxyRefused as error:
             if error.status == 404:
-                return ToolOutcome(f"no workspace log here: {error.message}", is_error=True)
+                return ToolOutcome(
+                    "There is no workspace container log here: commands run as local processes "
+                    "(the local backend), and only the Kubernetes backend has a container log. "
+                    f"Read log files with `exec` instead. (The proxy said: {error.message}.)",
+                    is_error=True,
+                )
             return ToolOutcome(refusal_message(error), is_error=True)
         except ProxyClientError as error:
             return ToolOutcome(f"cannot get the log: {error}", is_error=True)
