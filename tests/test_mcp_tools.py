@@ -13,6 +13,7 @@ import httpx2
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from .conftest import ProxyFactory, RunningProxy, kube_proxy, survivors, wait_for_processes
 from .mcp_client import TRANSPORTS, ProgressLog, connect, text_of
@@ -284,3 +285,60 @@ async def test_workspace_not_ready_is_a_tool_error_saying_what_to_do(
     assert "not ready" in text_of(result)
     assert "retry in" in text_of(result)
     assert "not run: " in text_of(result)
+
+
+class LogMessages:
+    """Collects the server's log messages (notifications/message); a test can wait for one."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._arrived = asyncio.Condition()
+
+    async def __call__(self, params: Any) -> None:
+        async with self._arrived:
+            self.messages.append(f"{params.level} {params.logger}: {params.data}")
+            self._arrived.notify_all()
+
+    async def wait_for(self, text: str, within: float = 20) -> str:
+        async with asyncio.timeout(within), self._arrived:
+            while True:
+                for message in self.messages:
+                    if text in message:
+                        return message
+                await self._arrived.wait()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_call_without_progress_token_gets_log_messages(
+    make_proxy: ProxyFactory, tmp_path: Path, transport: str
+) -> None:
+    """No progress token: the newest output still reaches the client while the command runs."""
+    proxy = await make_proxy()
+    gate = tmp_path / "gate"
+    log = LogMessages()
+    command = f"echo first-line; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+    async with connect(transport, proxy.url, tmp_path, logging_callback=log) as session:
+        assert session.server_capabilities is not None
+        assert session.server_capabilities.logging is not None
+        call = asyncio.create_task(session.call_tool("exec", {"command": command}))
+        message = await log.wait_for("first-line")
+        gate.touch()
+        result = await call
+    assert message == "info exec: first-line"
+    assert text_of(result) == "first-line\ndone\nexit code: 0"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_log_messages_keep_to_the_level_the_client_set(
+    make_proxy: ProxyFactory, tmp_path: Path, transport: str
+) -> None:
+    """A client that asked for warnings and worse gets no running-command notices."""
+    proxy = await make_proxy()
+    log = LogMessages()
+    async with connect(transport, proxy.url, tmp_path, logging_callback=log) as session:
+        with pytest.warns(MCPDeprecationWarning, match="logging capability"):
+            await session.set_logging_level("warning")
+        # The command outlives its first line: a notice, were one due, would go out before the result.
+        result = await session.call_tool("exec", {"command": "echo quiet-line; sleep 2"})
+    assert text_of(result) == "quiet-line\nexit code: 0"
+    assert log.messages == []

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, get_args
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from pydantic import ValidationError
 
@@ -22,6 +24,7 @@ from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
 from .arguments import ExecArguments, LogsArguments, ToolOptions
 from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
+from .log_notices import LogNotices
 from .target import ToolTarget
 
 # How a transport tells a call that nobody will read its result (the HTTP request is gone).
@@ -159,6 +162,7 @@ class ToolCalls:
         self._target = target
         self._options = options
         self._exchange_closed = exchange_closed
+        self.notices = LogNotices()
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -197,6 +201,9 @@ class ToolCalls:
 
             async def report(progress: float, message: str) -> None:
                 await ctx.session.report_progress(progress, None, message)
+
+        else:
+            report = self.notices.reporter(ctx)  # no progress token: log messages, where allowed
 
         call = run_exec(self._target, arguments, self._options, report)
         closed = self._exchange_closed(ctx) if self._exchange_closed else None
@@ -254,11 +261,15 @@ def build_server(
     exchange_closed: ExchangeClosed | None = None,
 ) -> Server[Any]:
     calls = ToolCalls(target, options, exchange_closed)
-    return Server(
-        "session-proxy",
-        version=__version__,
-        title="session-proxy workspace",
-        instructions=INSTRUCTIONS,
-        on_list_tools=calls.list_tools,
-        on_call_tool=calls.call_tool,
-    )
+    with warnings.catch_warnings():
+        # Deprecated from 2026-07-28, and still how the handshake versions let a server log.
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return Server(
+            "session-proxy",
+            version=__version__,
+            title="session-proxy workspace",
+            instructions=INSTRUCTIONS,
+            on_list_tools=calls.list_tools,
+            on_call_tool=calls.call_tool,
+            on_set_logging_level=calls.notices.set_level,
+        )
