@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,27 @@ async def test_conformance_server_scenarios(proxy: RunningProxy, tmp_path: Path)
     )
     assert code == 0, stdout[-4000:] + stderr[-2000:]
     assert "✓ tools-call-simple-text" in stdout, stdout[-4000:]
+
+
+async def test_claude_code_takes_the_readme_server_names(tmp_path: Path) -> None:
+    """Every `claude mcp add` in the README names a server Claude Code accepts (it reserves some)."""
+    readme = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"claude mcp add (?:--transport http )?([\w-]+)", readme))
+    assert names == {SERVER_NAME}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "DISABLE_AUTOUPDATER": "1"}
+    for transport in ("http", "stdio"):
+        command = [node_tool("claude"), "mcp", "add", SERVER_NAME]
+        if transport == "http":
+            command[3:3] = ["--transport", "http"]
+            command.append("http://127.0.0.1:1/mcp")
+        else:
+            command += ["--", "session-proxy", "mcp"]
+        code, stdout, stderr = await run(command, cwd=home, env=env)
+        assert code == 0, stdout + stderr
+        assert "reserved" not in stdout + stderr
+        code, stdout, stderr = await run(
+            [node_tool("claude"), "mcp", "remove", SERVER_NAME], cwd=home, env=env
+        )
+        assert code == 0, stdout + stderr
