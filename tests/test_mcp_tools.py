@@ -308,23 +308,37 @@ class LogMessages:
                 await self._arrived.wait()
 
 
+async def file_appears(path: Path, within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        while not path.exists():
+            await asyncio.sleep(0.02)
+
+
+def gated(started: Path, gate: Path) -> str:
+    """A command that says it started, then runs until the test opens ``gate``."""
+    return f"echo first-line; touch {started}; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_call_without_progress_token_gets_log_messages(
+async def test_a_long_call_without_progress_token_gets_log_messages(
     make_proxy: ProxyFactory, tmp_path: Path, transport: str
 ) -> None:
-    """No progress token: the newest output still reaches the client while the command runs."""
+    """No progress token: a long call's news still reaches the client (a short call sends none)."""
     proxy = await make_proxy()
     gate = tmp_path / "gate"
     log = LogMessages()
-    command = f"echo first-line; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
     async with connect(transport, proxy.url, tmp_path, logging_callback=log) as session:
         assert session.server_capabilities is not None
         assert session.server_capabilities.logging is not None
-        call = asyncio.create_task(session.call_tool("exec", {"command": command}))
-        message = await log.wait_for("first-line")
+        short = await session.call_tool("exec", {"command": "echo short"})
+        assert log.messages == []
+        call = asyncio.create_task(session.call_tool("exec", {"command": gated(tmp_path / "s", gate)}))
+        message = await log.wait_for("first-line", within=60)
         gate.touch()
         result = await call
-    assert message == "info exec: first-line"
+    assert text_of(short) == "short\nexit code: 0"
+    assert message.startswith("info exec: running for "), message
+    assert message.endswith("; last output:\nfirst-line"), message
     assert text_of(result) == "first-line\ndone\nexit code: 0"
 
 
@@ -332,13 +346,24 @@ async def test_a_call_without_progress_token_gets_log_messages(
 async def test_log_messages_keep_to_the_level_the_client_set(
     make_proxy: ProxyFactory, tmp_path: Path, transport: str
 ) -> None:
-    """A client that asked for warnings and worse gets no running-command notices."""
+    """A client that asked for warnings and worse gets no running-command notices.
+
+    A second client's call, started later, shows when a notice was due.
+    """
     proxy = await make_proxy()
-    log = LogMessages()
-    async with connect(transport, proxy.url, tmp_path, logging_callback=log) as session:
+    gate = tmp_path / "gate"
+    quiet_log, loud_log = LogMessages(), LogMessages()
+    async with (
+        connect(transport, proxy.url, tmp_path, logging_callback=quiet_log) as quiet,
+        connect(transport, proxy.url, tmp_path, logging_callback=loud_log) as loud,
+    ):
         with pytest.warns(MCPDeprecationWarning, match="logging capability"):
-            await session.set_logging_level("warning")
-        # The command outlives its first line: a notice, were one due, would go out before the result.
-        result = await session.call_tool("exec", {"command": "echo quiet-line; sleep 2"})
-    assert text_of(result) == "quiet-line\nexit code: 0"
-    assert log.messages == []
+            await quiet.set_logging_level("warning")
+        quiet_call = asyncio.create_task(quiet.call_tool("exec", {"command": gated(tmp_path / "q", gate)}))
+        await file_appears(tmp_path / "q")
+        loud_call = asyncio.create_task(loud.call_tool("exec", {"command": gated(tmp_path / "l", gate)}))
+        await loud_log.wait_for("first-line", within=60)
+        gate.touch()
+        results = [await quiet_call, await loud_call]
+    assert [text_of(result) for result in results] == ["first-line\ndone\nexit code: 0"] * 2
+    assert quiet_log.messages == []

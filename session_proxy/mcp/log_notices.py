@@ -22,7 +22,7 @@ from .exec_tool import ProgressReporter
 
 LEVELS: Final[tuple[types.LoggingLevel, ...]] = get_args(types.LoggingLevel)
 NOTICE_LEVEL: Final[types.LoggingLevel] = "info"
-NOTICE_INTERVAL: Final = 10.0  # seconds between two notices of one call
+NOTICE_INTERVAL: Final = 10.0  # seconds before the first notice of a call, and between two
 LOGGER: Final = "exec"
 
 
@@ -49,7 +49,8 @@ class LogNotices:
         return types.EmptyResult()
 
     def reporter(self, ctx: ServerRequestContext[Any, Any]) -> ProgressReporter | None:
-        """Sends what progress would have said, at most once per interval; None if not wanted."""
+        """Sends what progress would have said, once a call has run for an interval and then at
+        most once per interval (a short call sends none); None if the client does not want it."""
         connection = ctx.session.client_params
         level = self._levels.get(id(connection), LEVELS[0]) if connection is not None else LEVELS[0]
         if LEVELS.index(level) > LEVELS.index(NOTICE_LEVEL):
@@ -58,7 +59,7 @@ class LogNotices:
 
         async def report(elapsed: float, message: str) -> None:
             nonlocal last_sent
-            if last_sent is not None and elapsed - last_sent < self._interval:
+            if elapsed < (last_sent or 0.0) + self._interval:
                 return
             last_sent = elapsed
             with warnings.catch_warnings():  # deprecated from 2026-07-28; the SDK checks the opt-in
