@@ -64,6 +64,12 @@ class ExecApiTarget:
     async def logs(self, tail: int) -> str:
         return await self._get("/logs", {"tail": str(tail)})
 
+    async def exec_limits(self) -> tuple[float | None, float | None]:
+        """The proxy's default and maximum timeout, from its OpenAPI document."""
+        document = json.loads(await self._get("/openapi.json", {}))
+        timeout = document["components"]["schemas"]["ExecRequest"]["properties"]["timeout"]
+        return timeout.get("default"), timeout["anyOf"][0].get("maximum")
+
     async def close(self) -> None:
         await self._client.close()
 
