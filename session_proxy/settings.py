@@ -160,6 +160,12 @@ class Settings(BaseModel):
     mcp_max_output_chars: int = Field(
         30_000, ge=1000, description="MCP exec results longer than this are cut in the middle"
     )
+    mcp_max_sessions: int = Field(
+        16, ge=1, le=1000, description="MCP sessions open at once; one more gets 503 until one ends"
+    )
+    mcp_session_idle: float = Field(
+        600, ge=1, le=86_400, description="seconds after which an MCP session without requests ends"
+    )
 
     # Logs
     log_format: Literal["json", "text"] = Field("json", description="log line format")

@@ -87,7 +87,8 @@ async def exec_events(
         text = await response.text()
         assert response.status == 200, text
         assert response.headers["Content-Type"] == "application/x-ndjson"
-    return [json.loads(line) for line in text.splitlines()]
+    # NDJSON lines end at "\n" only: str.splitlines would also cut inside text at U+0085, U+2028...
+    return [json.loads(line) for line in text.split("\n") if line]
 
 
 def output_of(events: list[dict[str, Any]], stream: str) -> bytes:
