@@ -116,3 +116,40 @@ async def test_serving_in_cluster_leaves_kubernetes_asyncio_out(
     assert final(events)["exit_code"] == 0
     assert "session_proxy.backends.kubernetes.api" in modules  # the listing is of a Kubernetes proxy
     assert not (found := loaded(modules, "kubernetes_asyncio")), f"imported: {found[:8]}"
+
+
+async def test_mcp_loads_the_sdks_server_side_only(serve: Serve) -> None:
+    """The first MCP session (initialize, a tool call running a command) loads the SDK's server
+    and Streamable HTTP transport, not its client, its high-level server, or uvicorn."""
+    from .mcp_client import http_session
+
+    proxy = await serve("--backend", "local")
+    try:
+        async with http_session(proxy.running.url) as session:
+            result = await session.call_tool("exec", {"argv": ["echo", "over mcp"]})
+    finally:
+        modules = await proxy.modules_at_exit()
+    assert not result.is_error, result
+    assert "over mcp" in result.content[0].text  # type: ignore[union-attr]
+    assert "mcp.server.streamable_http_manager" in modules  # the listing is after the SDK loaded
+    for unused in ("mcp.client", "mcp.server.mcpserver", "uvicorn"):
+        assert not (found := loaded(modules, unused)), f"imported: {found[:8]}"
+
+
+def test_a_module_that_needs_the_whole_sdk_still_loads(tmp_path: Path) -> None:
+    """Should the SDK's server modules come to need a package ``__init__``, the server-side
+    loader falls back to the whole SDK, with a warning, rather than failing ``/mcp``."""
+    (tmp_path / "needs_whole_sdk.py").write_text("from mcp import ClientSession\n")
+    check = (
+        "import logging, sys; logging.basicConfig(); "
+        "from session_proxy.mcp.sdk import import_server_side; "
+        "module, _ = import_server_side('needs_whole_sdk', 'mcp.server.streamable_http_manager'); "
+        "print(module.ClientSession.__name__, 'mcp.client' in sys.modules)"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, env=environment, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ClientSession", "True"]
+    assert "need its whole package now" in done.stderr

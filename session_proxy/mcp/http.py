@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
@@ -29,6 +28,7 @@ from ..keys import AUTH_TOKEN
 from ..settings import Settings
 from .arguments import ToolOptions
 from .asgi_bridge import EXCHANGE_CLOSED, AsgiApp, serve_asgi
+from .sdk import import_server_side
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,8 @@ def exec_api_url(request: web.Request) -> str:
 
 
 def _import_sdk() -> tuple[ModuleType, ModuleType]:
-    return (
-        importlib.import_module("session_proxy.mcp.tools"),
-        importlib.import_module("mcp.server.streamable_http_manager"),
-    )
+    tools, manager = import_server_side("session_proxy.mcp.tools", "mcp.server.streamable_http_manager")
+    return tools, manager
 
 
 class ExchangesInFlight:
