@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -252,6 +253,8 @@ def render(figures: MemoryFigures) -> str:
             else "The second burst grows it again: that is more than allocator retention; look for a leak."
         ),
         "",
+        *sizing(figures),
+        "",
         'Import-only floor (peak RSS of `python -c "<import>"`, median of 3):',
         "",
         "| import | peak RSS |",
@@ -260,6 +263,21 @@ def render(figures: MemoryFigures) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def sizing(figures: MemoryFigures) -> list[str]:
+    """The sidecar's memory request and limit, from the in-cluster row."""
+    settled, peak = figures.median("in-cluster", "burst2"), figures.median("in-cluster", "peak")
+    request = math.ceil(settled * 1.1 / 16) * 16
+    limit = math.ceil(peak * 2 / 32) * 32
+    return [
+        f"Sizing the sidecar (`manifests/runner-pod.yaml`): memory request **{request}Mi**, the in-cluster "
+        f"RSS after the bursts ({settled:.1f} MB, what a session that has run commands holds) plus at",
+        f"least 10%, rounded up to 16 Mi; limit **{limit}Mi**, twice the peak ({peak:.1f} MB), rounded up to",
+        "32 Mi: headroom for what this run does not do at once (an 8 MiB log tail, several MCP",
+        "sessions, concurrent streams that back up to their buffers). A larger `--max-concurrent`",
+        "wants a larger limit (the concurrency table above: 100 streams on a kubeconfig proxy).",
+    ]
 
 
 def write_section(path: Path, section: str) -> None:
