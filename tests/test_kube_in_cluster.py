@@ -43,7 +43,7 @@ async def test_an_unusable_ca_file_stops_start_up(
     ca = tmp_path / "bad-ca.crt"
     if content is not None:
         ca.write_bytes(content)
-    with pytest.raises(StartupFailed, match="cannot set up TLS to the API server"):
+    with pytest.raises(StartupFailed, match=r"cannot set up TLS to the API server with the CA file .*bad-ca"):
         await make_proxy(**{**pod_files, "ca_file": str(ca)})
 
 

@@ -2,7 +2,7 @@
 
 In a pod that is two environment variables, a CA file and a token file: read here with the
 standard library and aiohttp alone, so the proxy does not import kubernetes-asyncio's client
-package (every generated API model, ~35 MB of RSS) to serve in a cluster. A kubeconfig (exec
+package (every generated API model, ~37 MB of RSS) to serve in a cluster. A kubeconfig (exec
 plugins, OIDC, client certificates) is ``kubeconfig.py``'s job.
 
 The projected service-account token is rotated by the kubelet: it is re-read every minute (as
@@ -120,7 +120,9 @@ class InClusterAccess:
         try:
             tls = ssl.create_default_context(cafile=ca_file)
         except (OSError, ValueError) as error:
-            raise ConfigurationError(f"cannot set up TLS to the API server: {error}") from None
+            raise ConfigurationError(
+                f"cannot set up TLS to the API server with the CA file {ca_file}: {error}"
+            ) from None
         return cls(host, _api_session(tls, pool_size), token)
 
     @property

@@ -2,7 +2,7 @@
 
 kubernetes-asyncio knows what a kubeconfig may hold (exec credential plugins, OIDC and the
 other auth providers, client certificates) and builds the TLS session to match. Importing it
-loads its whole client package, every generated API model with it (~35 MB of RSS), so this
+loads its whole client package, every generated API model with it (~37 MB of RSS), so this
 module is imported only when a kubeconfig is given; in a pod ``credentials.InClusterAccess``
 serves without it.
 """
