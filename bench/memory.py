@@ -5,13 +5,15 @@
 A proxy runs once per session, so its idle RSS is paid once per session. Each run starts one
 proxy per row, in turn, with the production defaults (only the rate limit off, so that a burst
 is not refused): the local backend; the kubernetes backend configured as in a pod (token file,
-CA file, KUBERNETES_SERVICE_HOST/PORT); and the kubernetes backend through a kubeconfig (which
-loads kubernetes-asyncio). For each: RSS once ready and settled; after the first MCP session
-(initialize, one `exec` tool call); after a burst of dropped execs (waves of --max-concurrent
-commands that print without pause, each client hanging up after the first output line, then
-waiting until the proxy has ended them all), and after a second, identical burst: the first
-burst's growth that the second does not repeat is the allocator keeping freed memory for reuse,
-not a leak. VmHWM is the process's peak RSS over the run. Medians over the runs.
+CA file, KUBERNETES_SERVICE_HOST/PORT); the kubernetes backend through a kubeconfig (which
+loads kubernetes-asyncio); and the in-cluster proxy again with ``MALLOC_TRIM_THRESHOLD_=0``
+(glibc gives freed memory back at once), which shows how much of what it holds is the
+allocator's. For each: RSS once ready and settled; after the first MCP session (initialize, one
+`exec` tool call); after a burst of dropped execs (waves of --max-concurrent commands that
+print without pause, each client hanging up after the first output line, then waiting until
+the proxy has ended them all), and after a second, identical burst: growth the second burst
+does not repeat is held once and reused, not a leak. VmHWM is the process's peak RSS over the
+run. Medians over the runs.
 
 Also the import-only floor: the peak RSS of a Python process that does only the import.
 """
@@ -43,6 +45,7 @@ ROWS = {
     "local": "local backend",
     "in-cluster": "kubernetes, in-cluster (a pod's token, CA, service variables)",
     "kubeconfig": "kubernetes, kubeconfig (loads kubernetes-asyncio)",
+    "in-cluster-trim": "kubernetes, in-cluster, `MALLOC_TRIM_THRESHOLD_=0` (glibc gives freed memory back at once)",
 }
 IMPORTS = {
     "nothing (Python)": "pass",
@@ -203,6 +206,7 @@ async def measure(work: Path, runs: int, spawn: Any, *, quick: bool = False) -> 
             "local": (["--backend", "local"], {}),
             "in-cluster": ([*kube, *pod_flags], pod_env),
             "kubeconfig": ([*kube, "--kubeconfig", str(kubeconfig)], {}),
+            "in-cluster-trim": ([*kube, *pod_flags], {**pod_env, "MALLOC_TRIM_THRESHOLD_": "0"}),
         }
         for index in range(runs):
             for row, (flags, env) in setups.items():
@@ -234,6 +238,7 @@ def render(figures: MemoryFigures) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} |")
     kube_idle, kube_mcp = m("in-cluster", "idle"), m("in-cluster", "mcp")
     retained = m("in-cluster", "burst") - kube_mcp
+    trimmed = m("in-cluster", "burst2") - m("in-cluster-trim", "burst2")
     repeat = m("in-cluster", "burst2") - m("in-cluster", "burst")
     lines += [
         "",
@@ -243,15 +248,16 @@ def render(figures: MemoryFigures) -> str:
         f"in the same run. Through a kubeconfig, kubernetes-asyncio adds "
         f"{m('kubeconfig', 'idle') - kube_idle:.1f} MB at rest.",
         "",
-        f"After the first burst the in-cluster proxy's RSS has moved by {retained:+.1f} MB; the second,",
-        f"identical burst moves it by {repeat:+.1f} MB. "
+        f"Allocator retention: after the first burst the in-cluster proxy's RSS has moved by {retained:+.1f} MB;",
+        f"the second, identical burst moves it by {repeat + 0.0:+.1f} MB. "
         + (
-            "What the first burst leaves is glibc's allocator keeping freed memory in its heaps and "
-            "per-thread arenas for reuse (it gives back only whole free regions at a heap's top), not "
-            "memory still in use: the second burst reuses it instead of growing."
+            "So what the first burst leaves is held once and reused, not a growth per exec. "
             if repeat <= max(1.0, retained / 2)
-            else "The second burst grows it again: that is more than allocator retention; look for a leak."
-        ),
+            else "The second burst grows it again: that is more than retention; look for a leak. "
+        )
+        + f"Of it, {trimmed:.1f} MB is glibc keeping the freed top of its heap for reuse: with "
+        f"`MALLOC_TRIM_THRESHOLD_=0` the same proxy settles at {m('in-cluster-trim', 'burst2'):.1f} MB. "
+        "The rest neither setting gives back (freed memory between blocks still in use).",
         "",
         *sizing(figures),
         "",
