@@ -257,7 +257,7 @@ def render(figures: MemoryFigures) -> str:
         )
         + f"Of it, {trimmed:.1f} MB is glibc keeping the freed top of its heap for reuse: with "
         f"`MALLOC_TRIM_THRESHOLD_=0` the same proxy settles at {m('in-cluster-trim', 'burst2'):.1f} MB. "
-        "The rest neither setting gives back (freed memory between blocks still in use).",
+        "The rest stays with either setting.",
         "",
         *sizing(figures),
         "",
