@@ -1,6 +1,6 @@
 """``/mcp`` on the exec listener: the SDK's Streamable HTTP session manager, in this event loop.
 
-The SDK costs about a third of a second and 30 MB to import (BENCHMARKS.md), so it is loaded on
+Its server side costs about a third of a second and 15 MB to import (BENCHMARKS.md), so it is loaded on
 the first ``/mcp`` request, off the event loop, and a proxy that never sees an MCP client never
 pays for it. The session manager then runs in a task of its own until the app shuts down
 (``on_shutdown``, before aiohttp waits for open requests, so open MCP streams do not hold
