@@ -2,9 +2,9 @@
 
 kubernetes-asyncio knows what a kubeconfig may hold (exec credential plugins, OIDC and the
 other auth providers, client certificates) and builds the TLS session to match. Importing it
-loads its whole client package, every generated API model with it (~37 MB of RSS), so this
-module is imported only when a kubeconfig is given; in a pod ``credentials.InClusterAccess``
-serves without it.
+loads its whole client package, every generated API model with it (~37 MB of RSS), so
+``KubeApi.open`` imports this module only when a kubeconfig is given; in a pod
+``credentials.InClusterAccess`` serves without it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio import client, config
 
 from .api_errors import ConfigurationError
 
@@ -25,8 +26,6 @@ class KubeconfigAccess:
 
     @classmethod
     async def open(cls, path: str, pool_size: int) -> KubeconfigAccess:
-        from kubernetes_asyncio import client, config
-
         configuration = client.Configuration()
         try:
             await config.load_kube_config(config_file=path, client_configuration=configuration)
