@@ -1,6 +1,6 @@
 """``/mcp`` on the exec listener: the SDK's Streamable HTTP session manager, in this event loop.
 
-The SDK costs about a third of a second and 30 MB to import (BENCHMARKS.md), so it is loaded on
+Its server side costs about a third of a second and 15 MB to import (BENCHMARKS.md), so it is loaded on
 the first ``/mcp`` request, off the event loop, and a proxy that never sees an MCP client never
 pays for it. The session manager then runs in a task of its own until the app shuts down
 (``on_shutdown``, before aiohttp waits for open requests, so open MCP streams do not hold
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
@@ -30,6 +29,7 @@ from ..settings import Settings
 from .arguments import ToolOptions
 from .asgi_bridge import EXCHANGE_CLOSED, AsgiApp, serve_asgi
 from .refusals import McpRefusals
+from .sdk import import_server_side
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,8 @@ def exec_api_url(request: web.Request) -> str:
 
 
 def _import_sdk() -> tuple[ModuleType, ModuleType]:
-    return (
-        importlib.import_module("session_proxy.mcp.tools"),
-        importlib.import_module("mcp.server.streamable_http_manager"),
-    )
+    tools, manager = import_server_side("session_proxy.mcp.tools", "mcp.server.streamable_http_manager")
+    return tools, manager
 
 
 class ExchangesInFlight:

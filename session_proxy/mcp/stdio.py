@@ -15,6 +15,7 @@ import aiohttp
 
 from ..client import ProxyClientError, default_token, default_url
 from .arguments import ToolOptions
+from .sdk import import_server_side
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
@@ -22,14 +23,11 @@ log = logging.getLogger(__name__)
 
 async def serve_stdio(url: str | None, options: ToolOptions) -> None:
     """Serve MCP on this process's stdin/stdout until the client goes away."""
-    from mcp.server.stdio import stdio_server
-
-    from .tools import build_server
-
+    stdio, tools = import_server_side("mcp.server.stdio", "session_proxy.mcp.tools")
     target = ExecApiTarget(url or default_url(), token=default_token())
     try:
-        server = build_server(target, await _with_proxy_limits(target, options))
-        async with stdio_server() as (read_stream, write_stream):
+        server = tools.build_server(target, await _with_proxy_limits(target, options))
+        async with stdio.stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
     finally:
         await target.close()
