@@ -43,7 +43,7 @@ class KubernetesBackend:
         self._metrics = metrics
         self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
         self._locator = WorkspaceLocator(self._api, settings)
-        self._tools: dict[str, ImageTools] = {}
+        self._tools: dict[tuple[str, str], ImageTools] = {}  # by pod uid and container image
         self._pool: WarmPool | None = None
 
     def _count_error(self, kind: str) -> None:
@@ -203,7 +203,7 @@ class KubernetesBackend:
         return bytes(output), stream.status
 
     async def _image_tools(self, workspace: Workspace, spec: ExecSpec) -> ImageTools:
-        cached = self._tools.get(workspace.uid)
+        cached = self._tools.get(_image_key(workspace))
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
@@ -225,7 +225,7 @@ class KubernetesBackend:
                 "workspace image lacks tools",
                 extra={"pod": workspace.name, "missing": tools.missing or ["sh"]},
             )
-        self._tools[workspace.uid] = tools
+        self._tools[_image_key(workspace)] = tools
         return tools
 
     async def _kill_group(self, workspace: Workspace, pgid: int, grace: float, exec_id: str) -> None:
@@ -246,7 +246,8 @@ class KubernetesBackend:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} was deleted")
         if pod.get("status") and assess(pod, self._settings).terminating:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} is terminating")
-        if status is not None and self._tools.get(workspace.uid, ImageTools(True, ())).has_shell is False:
+        tools = self._tools.get(_image_key(workspace), ImageTools(True, ()))
+        if status is not None and tools.has_shell is False:
             return status  # a bare exec: the stream's own status is all there is
         return ExitStatus(
             None, reason="transport_lost", message=_lost_message(stream, status, self._settings)
@@ -299,3 +300,9 @@ def _lost_message(stream: ExecStream, status: ExitStatus | None, settings: Setti
         return "the API server sent a WebSocket frame over the size limit"
     detail = f" (its status said exit code {status.exit_code})" if status and status.exit_code else ""
     return "the exec stream ended before the command reported its exit" + detail
+
+
+def _image_key(workspace: Workspace) -> tuple[str, str]:
+    """What an image probe holds for: this pod's container running this image (``kubectl set
+    image`` keeps the pod and its uid, and restarts the container on another image)."""
+    return workspace.uid, workspace.image
