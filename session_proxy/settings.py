@@ -9,6 +9,7 @@ has fixed defaults, so ``Settings(...)`` in a test never depends on the process'
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ ENV_PREFIX = "SESSION_PROXY_"
 DEFAULT_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 (a path)
 DEFAULT_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 LOOPBACK_NAMES = frozenset({"localhost"})
+# A DNS subdomain name (RFC 1123), what Kubernetes accepts as a pod's name.
+POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ class Settings(BaseModel):
     workspace_selector: str | None = Field(
         None,
         description="label selector of the workspace pod; default session=$SESSION_NAME,type=workspace",
+    )
+    workspace_pod: str | None = Field(
+        None,
+        description="name of the workspace pod: lists and watches name it (metadata.name field "
+        "selector), as a Role pinned to it by resourceNames requires",
     )
     workspace_container: str = Field("workspace", min_length=1, description="container to exec into")
     workspace_wait: float = Field(
@@ -206,6 +214,15 @@ class Settings(BaseModel):
             raise ValueError("must be an absolute path, e.g. /workspace")
         return value
 
+    @field_validator("workspace_pod")
+    @classmethod
+    def _workspace_pod_is_a_name(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not POD_NAME.fullmatch(value):
+            raise ValueError(f"not a pod name (lowercase letters, digits, '-' and '.'): {value!r}")
+        return value
+
     @field_validator("listen")
     @classmethod
     def _listen_is_parseable(cls, value: str) -> str:
@@ -235,10 +252,10 @@ class Settings(BaseModel):
                 "bind 127.0.0.1, [::1], localhost or unix:/path, or pass "
                 "--unsafe-listen-any-address if you really mean it"
             )
-        if self.backend == "kubernetes" and not self.effective_workspace_selector:
+        if self.backend == "kubernetes" and not (self.effective_workspace_selector or self.workspace_pod):
             raise ValueError(
-                "workspace_selector: the kubernetes backend needs --workspace-selector, or "
-                "SESSION_NAME to derive session=<name>,type=workspace"
+                "workspace_selector: the kubernetes backend needs --workspace-selector, "
+                "--workspace-pod, or SESSION_NAME to derive session=<name>,type=workspace"
             )
         if bool(self.owner_kind) != bool(self.owner_name):
             raise ValueError("owner_kind and owner_name: give both (or neither) to require an owner")

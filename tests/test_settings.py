@@ -33,6 +33,7 @@ DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
     "namespace": ("`$POD_NAMESPACE`", None),
     "session_name": ("`$SESSION_NAME`", None),
     "workspace_selector": ("`session=$SESSION_NAME,type=workspace`", None),
+    "workspace_pod": ("unset", None),
     "owner_kind": ("unset", None),
     "owner_api_group": ("unset", ""),
     "owner_name": ("unset", None),
