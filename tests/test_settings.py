@@ -112,6 +112,16 @@ def test_kubernetes_backend_needs_a_selector() -> None:
     assert "--workspace-selector" in describe_settings_error(caught.value)
 
 
+def test_workspace_pod_is_a_pod_name() -> None:
+    """--workspace-pod alone is enough to find the pod; it must be a valid pod name."""
+    settings = parse(["--backend", "kubernetes", "--workspace-pod", "workspace-a.1"], {})
+    assert settings.workspace_pod == "workspace-a.1"
+    for bad in ("Workspace", "ws_1", "-ws", "ws,metadata.namespace=x"):
+        with pytest.raises(ValidationError) as caught:
+            parse([f"--workspace-pod={bad}"], {})
+        assert "--workspace-pod" in describe_settings_error(caught.value)
+
+
 def test_flag_wins_over_environment() -> None:
     """A flag overrides its SESSION_PROXY_ variable; the variable applies when no flag is given."""
     environ = {"SESSION_PROXY_MAX_CONCURRENT": "3", "SESSION_PROXY_IDLE_TIMEOUT": "7"}
