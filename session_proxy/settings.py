@@ -79,6 +79,8 @@ INHERITED_VARIABLES: Mapping[str, str] = {
     "session_name": "SESSION_NAME",
 }
 IN_CLUSTER_VARIABLE = "KUBERNETES_SERVICE_HOST"  # set by the kubelet in every pod
+# In a pod the kubelet's probes and Prometheus reach the ops port on the pod's IP.
+IN_CLUSTER_OPS_LISTEN = "0.0.0.0:9464"
 
 
 class Settings(BaseModel):
@@ -88,7 +90,10 @@ class Settings(BaseModel):
 
     # Listeners
     listen: str = Field("127.0.0.1:8081", description="exec API address HOST:PORT or unix:/path")
-    ops_listen: str = Field("0.0.0.0:9464", description="ops address (metrics, probes); empty disables")
+    ops_listen: str = Field(
+        "127.0.0.1:9464",
+        description="ops address (metrics, probes); empty disables; every interface in a pod",
+    )
     unsafe_listen_any_address: bool = Field(
         False, description="allow a non-loopback exec API address (exposes command execution)"
     )
@@ -192,6 +197,8 @@ class Settings(BaseModel):
                 values[name] = environ[INHERITED_VARIABLES[name]]
         if "backend" not in values and environ.get(IN_CLUSTER_VARIABLE):
             values["backend"] = "kubernetes"
+        if "ops_listen" not in values and environ.get(IN_CLUSTER_VARIABLE):
+            values["ops_listen"] = IN_CLUSTER_OPS_LISTEN
         return cls.model_validate(values)
 
     @field_validator("unix_socket_mode", mode="before")

@@ -24,6 +24,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # Defaults the README states in words; each is checked here, everything else must be `literal`.
 DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
     "unsafe_listen_any_address": ("off", False),
+    "ops_listen": (
+        "`0.0.0.0:9464` in a cluster (`KUBERNETES_SERVICE_HOST` set), else `127.0.0.1:9464`",
+        "127.0.0.1:9464",
+    ),
     "auth_token_file": ("unset: no token", None),
     "backend": ("`kubernetes` in a cluster (`KUBERNETES_SERVICE_HOST` set), else `local`", "local"),
     "local_root": ("current directory", Path.cwd().resolve()),
