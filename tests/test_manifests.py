@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -362,3 +363,23 @@ def test_dockerfile_is_hadolint_clean() -> None:
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ignore" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_readme_session_kustomization_renders(tmp_path: Path) -> None:
+    """The README's per-session kustomization, with its `images:` from Releases, renders the
+    session it names running the published image."""
+    readme = (ROOT / "README.md").read_text()
+    yaml_blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+    session, images = (block for block in yaml_blocks if "components:" in block or "images:" in block)
+    directory = tmp_path / "alice"
+    directory.mkdir()
+    component = os.path.relpath(MANIFESTS / "session", directory)
+    (directory / "kustomization.yaml").write_text(
+        session.replace("<path to>/manifests/session", component) + images
+    )
+    objects = kustomize(directory)
+    runner = next(p for p in pods(objects) if sidecar_of(p) is not None)
+    assert runner["metadata"]["name"] == "runner-alice"
+    sidecar = sidecar_of(runner)
+    assert sidecar is not None
+    assert sidecar["image"] == "registry.example.com/platform/session-proxy:X.Y.Z"
