@@ -383,3 +383,9 @@ def test_readme_session_kustomization_renders(tmp_path: Path) -> None:
     sidecar = sidecar_of(runner)
     assert sidecar is not None
     assert sidecar["image"] == "registry.example.com/platform/session-proxy:X.Y.Z"
+
+
+def test_no_object_claims_a_made_up_owner(rendered: Objects) -> None:
+    """No layer carries an owner reference: only what creates a session knows its owner's uid
+    (a placeholder uid with blockOwnerDeletion is refused under OwnerReferencesPermissionEnforcement)."""
+    assert [o["metadata"]["name"] for o in rendered if o["metadata"].get("ownerReferences")] == []
