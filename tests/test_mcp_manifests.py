@@ -30,7 +30,7 @@ def rendered() -> Objects:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is required to render the kustomize base"
     result = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "manifests")],
+        [kubectl, "kustomize", str(ROOT / "manifests" / "examples" / "session")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -120,7 +120,7 @@ def _unmount_config(objects: Objects) -> None:
 def _edit_config(old: str, new: str) -> Callable[[Objects], None]:
     def mutate(objects: Objects) -> None:
         config_map = next(
-            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-mcp"
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-mcp-demo"
         )
         config_map["data"][".mcp.json"] = config_map["data"][".mcp.json"].replace(old, new)
 
@@ -156,7 +156,7 @@ async def test_the_shipped_mcp_json_reaches_a_real_proxy(
     token_file = tmp_path / "token"
     proxy = await make_proxy(auth_token_file=str(token_file))  # the proxy creates the token
     agent_token_file = env_of(_agent(rendered))["SESSION_PROXY_AUTH_TOKEN_FILE"]
-    config = mcp_config(rendered, "session-mcp")
+    config = mcp_config(rendered, "session-mcp-demo")
     assert config is not None
     helper = config["mcpServers"][SERVER_NAME]["headersHelper"].replace(agent_token_file, str(token_file))
     headers = json.loads(
