@@ -90,11 +90,12 @@ async def test_typescript_sdk(make_proxy: ProxyFactory, tmp_path: Path, marker: 
 
 
 def shipped_mcp_json() -> str:
-    """The .mcp.json of the runner pod's ConfigMap, as the agent container gets it."""
-    for document in yaml.safe_load_all((ROOT / "manifests" / "runner-pod.yaml").read_text()):
-        if document and document["kind"] == "ConfigMap" and document["metadata"]["name"] == "session-mcp":
+    """The .mcp.json of the session template's ConfigMap, as the agent container gets it."""
+    template = ROOT / "manifests" / "session" / "runner-pod.yaml"
+    for document in yaml.safe_load_all(template.read_text()):
+        if document and document["kind"] == "ConfigMap" and ".mcp.json" in document["data"]:
             return str(document["data"][".mcp.json"])
-    raise AssertionError("no ConfigMap session-mcp in manifests/runner-pod.yaml")
+    raise AssertionError(f"no ConfigMap with a .mcp.json in {template}")
 
 
 async def claude_mcp_list(tmp_path: Path, mcp_json: str, *, trusted: bool = True) -> str:
