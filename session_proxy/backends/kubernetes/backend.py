@@ -170,6 +170,7 @@ class KubernetesBackend:
         now = asyncio.get_running_loop().time()
         until = min(spec.deadline, now + self._settings.workspace_wait)
         found = await self._locator.find(on_waiting, until)
+        on_waiting.wait_over()
         if isinstance(found, WorkspaceProblem):
             if found.kind in ("not_ready", "not_found", "terminating") and until >= spec.deadline:
                 raise refusals.out_of_time(spec.timeout, found.message)

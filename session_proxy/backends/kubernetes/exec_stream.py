@@ -24,6 +24,7 @@ from typing import Final
 
 import aiohttp
 
+from ...tasks import cancel_and_wait
 from ..base import ExitStatus
 
 V5: Final = "v5.channel.k8s.io"
@@ -145,9 +146,9 @@ class ExecStream:
     async def close(self) -> None:
         """Close the WebSocket (for the wrapper: stdin EOF, its cue to end what is left)."""
         self._ended = True
-        self._pinger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pinger
-        with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._ws.close()
+        try:
+            await cancel_and_wait(self._pinger)
+        finally:  # a cancelled caller still closes the socket
+            with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._ws.close()
