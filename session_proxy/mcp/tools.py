@@ -7,6 +7,7 @@ Both transports serve the ``Server`` built here; they differ only in the target 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, get_args
 
@@ -19,7 +20,6 @@ from pydantic import ValidationError
 from .. import __version__
 from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
-from ..tasks import cancel_and_wait
 from .arguments import ExecArguments, LogsArguments, ToolOptions
 from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
 from .target import ToolTarget
@@ -223,9 +223,11 @@ async def _unless_closed(call: Coroutine[Any, Any, ToolOutcome], closed: asyncio
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():  # the exchange closed, or this call was cancelled: end the command
-            await cancel_and_wait(task)
-    if task.cancelled():
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         return ToolOutcome("cancelled: the client went away; the command was ended", is_error=True)
     return task.result()
 

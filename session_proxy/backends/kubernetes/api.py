@@ -44,10 +44,13 @@ class KubeApi:
         settings: Settings,
         on_error: Callable[[str], None],
         on_latency: Callable[[str, float], None],
+        *,
+        on_token_changed: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._on_error = on_error
         self._on_latency = on_latency
+        self._on_token_changed = on_token_changed
         self._configuration: kube_client.Configuration | None = None
         self._api_client: kube_client.ApiClient | None = None
         self._token_file: TokenFile | None = None
@@ -64,7 +67,7 @@ class KubeApi:
         else:
             configuration.host = in_cluster_host()
             configuration.ssl_ca_cert = self._settings.ca_file
-            self._token_file = TokenFile(self._settings.token_file)
+            self._token_file = TokenFile(self._settings.token_file, on_change=self._on_token_changed)
             self._token_file.current()
         # Every exec holds a connection for its whole life: size the pool for all of them.
         settings = self._settings
