@@ -152,7 +152,7 @@ class ExecRun:
             raise shutting_down()
         self._starting = asyncio.ensure_future(self._backend.start(self._spec, self._wait))
         try:
-            # Shielded: a client leaving must not cancel a start half-way (see _end_in_background).
+            # Shielded: a client leaving must not cancel a start half-way (see _over).
             execution = await asyncio.shield(self._starting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
