@@ -53,6 +53,8 @@ class EventStream:
             },
         )
         response.enable_chunked_encoding()
-        await response.prepare(self._request)
+        # Begun as soon as the headers are on their way: if writing them fails, the client is
+        # gone, and no JSON error could follow them anyway (a hang-up, not a failure to report).
         self._response = response
+        await response.prepare(self._request)
         return response

@@ -52,6 +52,21 @@ def shutting_down() -> NotReady:
     )
 
 
+class WaitReport:
+    """The ``on_waiting`` a start gets: ``waiting`` events out, and whether it only waits yet."""
+
+    def __init__(self, events: EventStream) -> None:
+        self._events = events
+        self.waiting = False  # the start waits (for the workspace): nothing started, it may be cancelled
+
+    async def __call__(self, message: str) -> None:
+        self.waiting = True
+        await self._events.write({"type": "waiting", "message": message})
+
+    def wait_over(self) -> None:
+        self.waiting = False
+
+
 class ExecRun:
     """One ``POST /exec`` from admission to its last event; the supervisor tracks it for shutdown."""
 
@@ -77,7 +92,7 @@ class ExecRun:
         self._splitters = {"stdout": Utf8Splitter(), "stderr": Utf8Splitter()}
         self._events = EventStream(request, spec.exec_id)
         self._starting: asyncio.Task[Execution] | None = None
-        self._waiting = False  # the backend reported a wait: nothing started, it may be cancelled
+        self._wait = WaitReport(self._events)
         self._execution: Execution | None = None
         self._ending: asyncio.Task[ExitStatus | None] | None = None
         self._stopping = False
@@ -95,7 +110,7 @@ class ExecRun:
         there could lose a command that had just started.
         """
         self._stopping = True
-        if self._starting is not None and self._waiting:
+        if self._starting is not None and self._wait.waiting:
             self._starting.cancel()
         self._deadline.stop_now()
 
@@ -128,18 +143,16 @@ class ExecRun:
             message = f"internal error ({type(error).__name__}); see the proxy's log"
             await self._finish(ExitStatus(None, reason="error", message=message), "error")
         finally:
-            self._end_in_background()
-            self._record.write(self._deadline.elapsed(), answered=self._events.begun)
-            self._supervisor.remove(self)
+            self._over()
         return self._events.response
 
     async def _start(self) -> Execution:
         """Start the command, unless shutdown comes first: then it never starts."""
         if self._supervisor.draining:
             raise shutting_down()
-        self._starting = asyncio.ensure_future(self._backend.start(self._spec, self._send_waiting))
+        self._starting = asyncio.ensure_future(self._backend.start(self._spec, self._wait))
         try:
-            # Shielded: a client leaving must not cancel a start half-way (see _end_in_background).
+            # Shielded: a client leaving must not cancel a start half-way (see _over).
             execution = await asyncio.shield(self._starting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -194,6 +207,37 @@ class ExecRun:
         await asyncio.shield(ending)
         return ExitStatus(None), ended_by  # an early end: the reason says it all (see above)
 
+    def _over(self) -> None:
+        """The request is over: end its command, write its record, leave the supervisor.
+
+        A start still under way is waited for (cancelled first if it only waits): a command it
+        starts after all is ended and accounted for then. One that finished just as the request
+        ended (its result not taken yet) is ended now: left alone, it would run untracked.
+        """
+        starting = self._starting
+        if self._execution is None and starting is not None:
+            if not starting.done():
+                if self._wait.waiting:
+                    starting.cancel()
+                starting.add_done_callback(self._adopt_late_start)
+                return
+            self._adopt(starting)
+        self._end_in_background()
+        self._record.write(self._deadline.elapsed(), answered=self._events.begun)
+        self._supervisor.remove(self)
+
+    def _adopt(self, starting: asyncio.Task[Execution]) -> None:
+        """Take the execution a finished start made, if it made one, as started."""
+        self._starting = None
+        if starting.cancelled() or starting.exception() is not None:
+            return
+        self._execution = starting.result()
+        self._record.started(self._execution.target, warm=self._execution.warm)
+
+    def _adopt_late_start(self, starting: asyncio.Task[Execution]) -> None:
+        self._adopt(starting)
+        self._over()
+
     def _end_in_background(self) -> asyncio.Future[ExitStatus | None]:
         """Terminate and close the execution once, in a task that outlives the request.
 
@@ -202,14 +246,7 @@ class ExecRun:
         if self._ending is not None:
             return self._ending
         if self._execution is None:
-            starting = self._starting
-            if starting is not None and not starting.done():
-                # Ended while the backend was starting: if the command starts after all, end it then.
-                if self._waiting:
-                    starting.cancel()
-                starting.add_done_callback(self._end_late_start)
-            else:
-                self._slot.release()
+            self._slot.release()  # nothing started (a start under way is left to ``_over``)
             done: asyncio.Future[ExitStatus | None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
@@ -218,14 +255,6 @@ class ExecRun:
         )
         self._ending.add_done_callback(lambda _: self._slot.release())
         return self._ending
-
-    def _end_late_start(self, starting: asyncio.Task[Execution]) -> None:
-        if starting.cancelled() or starting.exception() is not None:
-            self._slot.release()
-            return
-        self._execution = starting.result()
-        self._starting = None
-        self._end_in_background()
 
     async def _forward(self, chunk: OutputChunk) -> bool:
         """Write a chunk, cut at the output cap; False when the cap was hit."""
@@ -276,10 +305,6 @@ class ExecRun:
         except (TimeoutError, ConnectionError):
             log.warning("client did not take the exit event", extra={"exec_id": self._spec.exec_id})
         await drain_or_abort(self._request.transport, timeout)
-
-    async def _send_waiting(self, message: str) -> None:
-        self._waiting = True
-        await self._events.write({"type": "waiting", "message": message})
 
 
 async def _terminate(execution: Execution, grace: float) -> ExitStatus | None:

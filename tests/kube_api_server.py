@@ -161,6 +161,7 @@ class Fault:
     # Each stdout frame leaves this much later than it was read, as when a runtime's stdout copier
     # lags behind its stderr one (they are separate goroutines: nothing orders the two streams).
     stdout_lag: float = 0.0
+    hold: asyncio.Event | None = None  # the request waits until the test sets it
 
 
 EXEC_FAULT = web.RequestKey("exec_fault", Fault)
@@ -445,6 +446,8 @@ class KubeApiServer:
                 fault.times -= 1
             if fault.delay:
                 await asyncio.sleep(fault.delay)
+            if fault.hold is not None:
+                await fault.hold.wait()
             if fault.status is not None:
                 return status_response(fault.status, "InternalError", "injected failure")
         return await handler(request)

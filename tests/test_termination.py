@@ -291,21 +291,29 @@ async def test_shutdown_during_a_start_past_waiting_ends_the_command(
 
 
 async def test_client_leaving_during_a_start_does_not_lose_the_command(
-    make_proxy: ProxyFactory, tmp_path: Path, marker: str
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path, marker: str
 ) -> None:
     """A client that hangs up while the backend is still starting: the command that starts
-    anyway is ended, and its slot comes back once it is gone."""
+    anyway is ended and accounted for (its log line and metrics, as client_gone), and the
+    request is tracked, its slot held, until it is gone."""
     backend = SlowStartBackend(tmp_path)
     proxy = await make_proxy(exec_backend=backend, max_concurrent=1)
+    runner = proxy.server._exec_runner
+    assert runner is not None
+    assert runner.server is not None
     async with aiohttp.ClientSession() as leaving:
         request = asyncio.create_task(leaving.post(f"{proxy.url}/exec", json={"command": forking(marker)}))
         await backend.spawned.wait()
         request.cancel()
     await wait_for_processes(marker, 2)
-    while proxy.server.exec_app[SUPERVISOR].in_flight:
+    while runner.server.connections:
         await asyncio.sleep(0.01)  # the request is over, the start still blocked
     assert proxy.server.exec_app[ADMISSION].active == 1
+    assert proxy.server.exec_app[SUPERVISOR].in_flight == 1
     backend.release.set()
     assert await survivors(marker) == []
-    while proxy.server.exec_app[ADMISSION].active:
+    while proxy.server.exec_app[ADMISSION].active or proxy.server.exec_app[SUPERVISOR].in_flight:
         await asyncio.sleep(0.01)
+    metrics = await fetch_metrics(http, proxy)
+    assert 'session_proxy_exec_requests_total{outcome="client_gone"} 1.0' in metrics
+    assert "session_proxy_exec_in_flight 0.0" in metrics

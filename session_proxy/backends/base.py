@@ -9,7 +9,6 @@ live above this seam, so every backend gets them for free.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -23,7 +22,18 @@ DRAIN_QUIET: Final = 0.05
 DRAIN_LIMIT: Final = 0.5
 # Output written before the exit but reordered behind the exit report (see ExitDrain).
 OUTPUT_WAIT: Final = 1.0
-WaitingCallback = Callable[[str], Awaitable[None]]
+
+
+class WaitingCallback(Protocol):
+    """How a start tells its request that it waits (for the workspace) before anything runs."""
+
+    async def __call__(self, message: str) -> None:
+        """The start waits: say why (again at least every few seconds while it lasts). Until
+        ``wait_over``, cancelling the start loses nothing: it has created nothing yet."""
+
+    def wait_over(self) -> None:
+        """The wait has ended: from here the start creates things (probes, execs, a header
+        sent), so it is no longer cancelled but run to its end, and its command then ended."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +110,9 @@ class ExecBackend(Protocol):
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> Execution:
         """Start the command; raise a ``ProxyError`` if it cannot be started at all.
 
-        ``on_waiting`` may be awaited before the command starts to report why it is delayed.
-        Must be safe to cancel (a client leaving, a shutdown): what was started is ended.
+        ``on_waiting`` may be awaited before the command starts to report why it is delayed;
+        ``on_waiting.wait_over()`` ends that phase. Until then the start may be cancelled (a
+        client leaving, a shutdown) and must leave nothing behind; after it, it runs to its end.
         """
 
     async def info(self) -> BackendInfo:

@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 from ..errors import BackendFailure, NotFound, NotReady, ProxyError
 from ..metrics import Metrics
 from ..models import Guarantees
+from ..tasks import cancel_and_wait
 from .base import BackendInfo, ExecSpec, ExitDrain, ExitStatus, OutputChunk, WaitingCallback, next_output
 from .local_output import CommandOutput
 from .local_spawner import CommandPipes, LeaderChannel, Spawner
@@ -137,9 +138,7 @@ class LocalExecution:
         self._output.close()
         if self._stdin is not None:
             self._stdin.abort()
-        self._follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._follower
+        await cancel_and_wait(self._follower)
 
 
 class FailedExecution:

@@ -43,10 +43,13 @@ class KubeApi:
         settings: Settings,
         on_error: Callable[[str], None],
         on_latency: Callable[[str, float], None],
+        *,
+        on_token_changed: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._on_error = on_error
         self._on_latency = on_latency
+        self._on_token_changed = on_token_changed
         self._access: ApiAccess | None = None
 
     async def open(self) -> None:
@@ -58,7 +61,9 @@ class KubeApi:
 
             self._access = await KubeconfigAccess.open(settings.kubeconfig, pool_size)
         else:
-            self._access = InClusterAccess.open(settings.token_file, settings.ca_file, pool_size)
+            self._access = InClusterAccess.open(
+                settings.token_file, settings.ca_file, pool_size, on_token_changed=self._on_token_changed
+            )
 
     async def close(self) -> None:
         if self._access is not None:

@@ -23,7 +23,7 @@ from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
 from .exec_stream import STDOUT, ExecStream
 from .execution import KubernetesExecution, explain_exec_failure
 from .image_probe import NO_GUARANTEES, ImageTools, Inconclusive, read_probe
-from .warm_pool import WarmPool
+from .warm_pool import WarmPool, WorkspaceReplaced
 from .wrapper import KILL_SCRIPT, PROBE_SCRIPT, SHELL, WRAPPER_SCRIPT, encode_header, new_nonce
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,26 @@ class KubernetesBackend:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
+        self._api = KubeApi(
+            settings,
+            self._count_error,
+            metrics.observe_kubernetes_api,
+            on_token_changed=self._drop_credentials,
+        )
         self._locator = WorkspaceLocator(self._api, settings)
         self._tools: dict[tuple[str, str], ImageTools] = {}  # by pod uid and container image
         self._pool: WarmPool | None = None
 
     def _count_error(self, kind: str) -> None:
         self._metrics.kubernetes_api_errors.labels(kind=kind).inc()
+        if kind in ("401", "403"):
+            self._drop_credentials()
+
+    def _drop_credentials(self) -> None:
+        """The token changed or was refused something: warm execs opened with its old rights
+        (a Role that lost ``pods/exec``, say) must not run commands any more."""
+        if self._pool is not None:
+            self._pool.drop_credentials()
 
     async def open(self) -> None:
         await self._api.open()
@@ -108,30 +121,34 @@ class KubernetesBackend:
         )
 
     async def _take_warm(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:
-        """A warm exec with the header written to it, or None: go cold. Until the header is
-        written nothing can have run, so a warm exec found dead by then costs only a new exec."""
+        """A live warm exec with the header written to it, or None: go cold."""
         if self._pool is None:
             return None
-        warm = await self._pool.take(workspace)
-        if warm is None:
-            return None
-        if not await warm.stream.send_stdin(header):
-            self._pool.discard(warm, "write_failed")
-            return None
-        self._pool.used(warm)
-        log.debug("exec on a warm exec", extra={"exec_id": exec_id, "warm_exec": warm.warm_id})
-        return warm.stream
+        return await self._pool.take(workspace, header, exec_id)
 
     async def _open_warm(self, workspace: Workspace, warm_id: str) -> ExecStream:
-        """Open the constant wrapper exec for the pool; its header comes with a request."""
+        """Open the constant wrapper exec for the pool; its header comes with a request.
+
+        The exec is opened by the pod's name: the pod is looked up again afterwards, and if the
+        name now holds another pod (another uid), the exec is closed and the pool told so."""
         argv = [SHELL, "-c", WRAPPER_SCRIPT]
         url = self._api.exec_url(workspace.namespace, workspace.name, workspace.container, argv, stdin=True)
         try:
-            return await self._api.open_exec(url, f"session-proxy/{__version__} warm_exec={warm_id}")
+            stream = await self._api.open_exec(url, f"session-proxy/{__version__} warm_exec={warm_id}")
         except KubeError as error:
             if error.status in (404, 500):
                 self._locator.forget()
             raise
+        try:
+            pod = await self._locator.pod_state(workspace.name)
+        except BaseException:
+            await stream.close()
+            raise
+        if pod is None or pod["metadata"].get("uid") != workspace.uid:
+            await stream.close()
+            self._locator.forget()
+            raise WorkspaceReplaced(f"pod {workspace.name} is no longer the one with uid {workspace.uid}")
+        return stream
 
     async def _start_bare(self, spec: ExecSpec, workspace: Workspace, target: str) -> KubernetesExecution:
         # No shell in the image: the argv must go in the URL, and nothing can be killed.
@@ -170,6 +187,7 @@ class KubernetesBackend:
         now = asyncio.get_running_loop().time()
         until = min(spec.deadline, now + self._settings.workspace_wait)
         found = await self._locator.find(on_waiting, until)
+        on_waiting.wait_over()
         if isinstance(found, WorkspaceProblem):
             if found.kind in ("not_ready", "not_found", "terminating") and until >= spec.deadline:
                 raise refusals.out_of_time(spec.timeout, found.message)

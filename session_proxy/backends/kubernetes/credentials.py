@@ -54,9 +54,15 @@ class TokenFile:
     """A projected service-account token: re-read every ``refresh`` seconds, and after a 401."""
 
     def __init__(
-        self, path: str, refresh: float = TOKEN_REFRESH_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        path: str,
+        refresh: float = TOKEN_REFRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._path = path
+        self._on_change = on_change  # called when a read finds another token than the last one
         self._refresh = refresh
         self._clock = clock
         self._token = ""
@@ -74,7 +80,10 @@ class TokenFile:
                     ) from None
                 log.warning("token file unreadable, keeping the previous token", extra={"path": self._path})
             else:
+                changed = bool(self._token) and token != self._token
                 self._token = token
+                if changed and self._on_change is not None:
+                    self._on_change()
             self._read_at = self._clock()
         return self._token
 
@@ -112,10 +121,17 @@ class InClusterAccess:
         self._token = token
 
     @classmethod
-    def open(cls, token_file: str, ca_file: str, pool_size: int) -> InClusterAccess:
+    def open(
+        cls,
+        token_file: str,
+        ca_file: str,
+        pool_size: int,
+        *,
+        on_token_changed: Callable[[], None] | None = None,
+    ) -> InClusterAccess:
         """Read what a pod is given; a missing piece stops start-up with what to do about it."""
         host = in_cluster_host()
-        token = TokenFile(token_file)
+        token = TokenFile(token_file, on_change=on_token_changed)
         token.current()
         try:
             tls = ssl.create_default_context(cafile=ca_file)

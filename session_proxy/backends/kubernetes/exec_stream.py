@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from typing import Final
 
 import aiohttp
 
+from ...tasks import cancel_and_wait
 from ..base import ExitStatus
 
 V5: Final = "v5.channel.k8s.io"
@@ -134,6 +136,36 @@ class ExecStream:
                 self.frame_too_large = self._ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         return None
 
+    async def answers_ping(self, timeout: float) -> bool:
+        """Ping, and wait up to ``timeout`` seconds for that ping's pong: the peer is there now.
+
+        For a stream nobody else reads (a warm exec waiting for its header): output or the
+        stream's end meanwhile is False (``ended`` then tells which), and so is silence
+        (``peer_silent`` is then set)."""
+        payload = secrets.token_bytes(8)
+        try:
+            await self._ws.ping(payload)
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await self._ws.receive()
+                    self._heard = self._loop.time()
+                    if message.type == aiohttp.WSMsgType.PONG and message.data == payload:
+                        return True
+                    if message.type == aiohttp.WSMsgType.PING:
+                        await self._ws.pong(message.data)
+                    elif message.type == aiohttp.WSMsgType.BINARY:
+                        if len(message.data) >= 2:
+                            return False  # output (or a status) where nothing may come yet
+                    elif message.type not in (aiohttp.WSMsgType.PONG, aiohttp.WSMsgType.TEXT):
+                        self._ended = True
+                        return False
+        except TimeoutError:
+            self.peer_silent = True
+            return False
+        except _TRANSPORT_ERRORS:
+            self._ended = True
+            return False
+
     async def _ping_every(self, interval: float) -> None:
         while not self._ws.closed:
             await asyncio.sleep(interval)
@@ -145,9 +177,9 @@ class ExecStream:
     async def close(self) -> None:
         """Close the WebSocket (for the wrapper: stdin EOF, its cue to end what is left)."""
         self._ended = True
-        self._pinger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pinger
-        with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._ws.close()
+        try:
+            await cancel_and_wait(self._pinger)
+        finally:  # a cancelled caller still closes the socket
+            with contextlib.suppress(TimeoutError, *_TRANSPORT_ERRORS):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._ws.close()

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ...models import ExitReason, Guarantees
+from ...tasks import cancel_and_wait
 from ..base import ExitDrain, ExitStatus, OutputChunk, StreamName, next_output
 from .exec_stream import STDOUT, ExecStream
 from .wrapper import Marker, MarkerFilter
@@ -197,9 +198,9 @@ class KubernetesExecution:
         return self._exit
 
     async def close(self) -> None:
-        if self._feeder is not None:
-            self._feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._feeder
-        # Closing the stream is stdin EOF for the wrapper: its dead-man switch ends the group.
-        await self._stream.close()
+        try:
+            if self._feeder is not None:
+                await cancel_and_wait(self._feeder)
+        finally:
+            # Closing the stream is stdin EOF for the wrapper: its dead-man switch ends the group.
+            await self._stream.close()

@@ -13,6 +13,14 @@ unanswered) or printed before its header is discarded and replaced after a backo
 open (403, 5xx, a pod that cannot be exec'd) pauses refilling until a request finds the pod
 usable again and the backoff is over, so a failing API server sees no hot loop and the log
 one line per pause.
+
+A warm exec is handed out only once it has answered a ping just then (a peer that died without
+a reset would take the header and run nothing), and is the request's only once its header is
+written: a request that ends before that (cancelled) closes it, so nothing it could have
+started is left running. An exec is opened by pod name, so one opened after the pod was
+replaced under the same name lands in the new pod: the opener then raises
+``WorkspaceReplaced`` and the pool lets go of the old uid. Warm execs opened with credentials
+that may have lost their rights (the token file changed, a call answered 401 or 403) are closed.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any, Final, Literal
 
 from ...metrics import Metrics
 from ...settings import Settings
+from ...tasks import cancel_and_wait
 from .api_errors import KubeError
 from .discovery import Workspace
 from .exec_stream import ExecStream
@@ -34,16 +43,33 @@ from .exec_stream import ExecStream
 log = logging.getLogger(__name__)
 
 DiscardReason = Literal[
-    "pod_replaced", "idle", "max_age", "closed", "silent", "unexpected_output", "write_failed", "shutdown"
+    "pod_replaced",
+    "idle",
+    "max_age",
+    "closed",
+    "silent",
+    "unexpected_output",
+    "write_failed",
+    "shutdown",
+    "abandoned",
+    "credentials",
 ]
 DISCARD_REASONS: Final[tuple[DiscardReason, ...]] = (
     "pod_replaced", "idle", "max_age", "closed", "silent", "unexpected_output", "write_failed", "shutdown",
+    "abandoned", "credentials",
 )  # fmt: skip
 # After a refused open or a warm exec that died, the next open waits 1 s, 2 s, 4 s ... 60 s.
 BACKOFF_FIRST: Final = 1.0
 BACKOFF_MAX: Final = 60.0
+# How long a warm exec may take to answer the ping that proves it alive before its header; past
+# that the request goes cold (a new exec costs less than a header sent into a dead connection).
+LIVENESS_TIMEOUT: Final = 2.0
 
 WarmOpener = Callable[[Workspace, str], Awaitable[ExecStream]]
+
+
+class WorkspaceReplaced(Exception):
+    """The warm exec just opened by the pod's name landed in another pod (another uid)."""
 
 
 @dataclass(eq=False)
@@ -78,9 +104,28 @@ class WarmPool:
 
     # ---- the request side ----------------------------------------------------------------
 
-    async def take(self, workspace: Workspace) -> WarmExec | None:
-        """A live warm exec for ``workspace`` (which discovery just found usable), or None;
-        either way the pool is (re)bound to it and refilled in the background."""
+    async def take(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:
+        """A warm exec of ``workspace`` (which discovery just found usable) that answered a ping
+        just now, with ``header`` written to it; or None: go cold. Either way the pool is
+        (re)bound to the workspace and refilled in the background. Until the header is written
+        nothing can have run, so a warm exec found dead by then costs only a new exec."""
+        warm = await self._take_live(workspace)
+        if warm is None:
+            return None
+        try:
+            written = await warm.stream.send_stdin(header)
+        except BaseException:
+            # Cancelled mid-header: closing it is stdin EOF, which ends whatever it started.
+            self.discard(warm, "abandoned")
+            raise
+        if not written:
+            self.discard(warm, "write_failed")
+            return None
+        self._failures = 0  # the exec is the request's now; the pool works again
+        log.debug("exec on a warm exec", extra={"exec_id": exec_id, "warm_exec": warm.warm_id})
+        return warm.stream
+
+    async def _take_live(self, workspace: Workspace) -> WarmExec | None:
         if self._closed:
             return None
         now = self._loop.time()
@@ -95,18 +140,26 @@ class WarmPool:
         while self._ready:
             warm = self._ready.pop(0)
             self._set_gauge()
-            if warm.watcher is not None:
-                warm.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await warm.watcher
-            if not warm.stream.ended:
+            try:
+                unusable = await self._why_unusable(warm)
+            except BaseException:
+                self.discard(warm, "abandoned")  # the request is gone (cancelled): nothing ran
+                raise
+            if unusable is None:
                 return warm
-            self.discard(warm, "silent" if warm.stream.peer_silent else "closed")
+            self.discard(warm, unusable)
         return None
 
-    def used(self, warm: WarmExec) -> None:
-        """Its header was written: the exec is the request's now; the pool works again."""
-        self._failures = 0
+    async def _why_unusable(self, warm: WarmExec) -> DiscardReason | None:
+        """None if ``warm`` answered a ping just now (its watcher stopped); else why not."""
+        if warm.watcher is not None:
+            await cancel_and_wait(warm.watcher)
+        stream = warm.stream
+        if not stream.ended and await stream.answers_ping(LIVENESS_TIMEOUT):
+            return None
+        if stream.peer_silent:
+            return "silent"
+        return "closed" if stream.ended else "unexpected_output"
 
     def discard(self, warm: WarmExec, reason: DiscardReason) -> None:
         """Close a warm exec unused (stdin EOF: the waiting wrapper exits) and count why."""
@@ -134,15 +187,21 @@ class WarmPool:
             "oldest_age_seconds": round(max((now - w.opened_at for w in self._ready), default=0.0), 1),
         }
 
+    def drop_credentials(self) -> None:
+        """The credentials the warm execs were opened with may have lost their rights: close
+        them all unused (refills use the credentials of now)."""
+        self._discard_all("credentials")
+        self._wake.set()
+
     async def close(self) -> None:
         self._closed = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-        self._discard_all("shutdown")
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        try:
+            if self._keeper is not None:
+                await cancel_and_wait(self._keeper)
+        finally:
+            self._discard_all("shutdown")
+            if self._closing:
+                await asyncio.gather(*self._closing, return_exceptions=True)
 
     # ---- the background side -------------------------------------------------------------
 
@@ -163,7 +222,11 @@ class WarmPool:
                 self._failures = 0  # it lived its full age: not a failure
                 self.discard(warm, "max_age")
             if len(self._ready) < self._size and not self._refused and now >= self._retry_at:
-                await self._open_one(self._workspace)
+                try:
+                    await self._open_one(self._workspace)
+                except Exception:  # not the API's refusal: say so, back off, keep the pool going
+                    self._note_failure()
+                    log.warning("warm exec open failed", exc_info=True)
                 continue
             await self._sleep_until(self._next_deadline(now))
 
@@ -186,6 +249,13 @@ class WarmPool:
             stream = await self._opener(workspace, warm_id)
         except KubeError as error:
             self._refuse(error)
+            return
+        except WorkspaceReplaced:
+            # The name now holds another pod: let go of the old uid; a request binds the new one.
+            self._metrics.warm_execs_discarded.labels(reason="pod_replaced").inc()
+            if self._workspace is not None and self._workspace.uid == workspace.uid:
+                self._discard_all("pod_replaced")
+                self._workspace = None
             return
         finally:
             self._opening -= 1
