@@ -77,15 +77,18 @@ def _field_name(location: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in location) or "(body)"
 
 
-def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
-    """Validate a body; 400 if it is not strict JSON, 422 naming each invalid field otherwise."""
+def parse_exec_request(body: bytes, settings: Settings, *, max_timeout: float | None = None) -> ExecRequest:
+    """Validate a body; 400 if it is not strict JSON, 422 naming each invalid field otherwise.
+
+    ``max_timeout``: the largest ``timeout`` allowed, if not ``--max-timeout`` (a job's is longer).
+    """
     try:
         document = load_request_json(body)
     except RequestJsonError as error:
         raise MalformedRequest(str(error)) from None
     try:
         return ExecRequest.model_validate(
-            document, strict=True, context={"max_timeout": settings.max_timeout}
+            document, strict=True, context={"max_timeout": max_timeout or settings.max_timeout}
         )
     except ValidationError as error:
         problems = error.errors(include_url=False)
