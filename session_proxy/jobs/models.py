@@ -7,9 +7,9 @@ to read on; when the job has ended and everything was read, the ``exit`` event c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from ..models import ExitReason, Guarantees
 
@@ -85,3 +85,7 @@ class CursorEvent(BaseModel):
     stdout: int
     stderr: int
     done: bool = Field(description="the job ended and all its kept output was sent: no more will come")
+
+
+JobEvent = Annotated[JobOutputEvent | LostEvent | JobExitEvent | CursorEvent, Field(discriminator="type")]
+JOB_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobEvent)

@@ -37,6 +37,10 @@ class ToolTarget(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def client(self) -> ExecClient:
+        """The exec API's client, for the job tools (POST /jobs and below)."""
+
 
 class ExecApiTarget:
     """A proxy's exec API at ``url`` (``http://host:port`` or ``unix:/path``)."""
@@ -66,6 +70,10 @@ class ExecApiTarget:
 
     async def close(self) -> None:
         await self._client.close()
+
+    @property
+    def client(self) -> ExecClient:
+        return self._client
 
     async def _get(self, path: str, query: dict[str, str]) -> str:
         connector: aiohttp.BaseConnector | None = None
