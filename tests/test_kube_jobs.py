@@ -1,0 +1,113 @@
+"""Background jobs through Kubernetes, on both API modes, cold and warm: a job holds its own
+exec stream (a warm one when the pool has it), and every way it ends takes its whole group."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from session_proxy.keys import JOBS
+
+from .conftest import (
+    KubeSetup,
+    exec_events,
+    final,
+    forking,
+    kube_exec,
+    output_of,
+    survivors,
+    wait_for_pool,
+    wait_for_processes,
+)
+from .jobs_api import SERVING, JobReader, end_job, fetch_command, http_server, start_job, wait_ended
+from .test_jobs import GET_LOGGED
+
+
+async def start_kube_job(
+    http: aiohttp.ClientSession, setup: KubeSetup, body: dict[str, object]
+) -> dict[str, object]:
+    """Start a job on the setup's path and prove the path: warm, it opened no exec of its own."""
+    if setup.path == "warm":
+        await wait_for_pool(setup.proxy, 1)
+    job = await start_job(http, setup.proxy.url, body)
+    assert job["warm"] is (setup.path == "warm"), job
+    assert job["target"] == "default/ws-1/workspace"
+    own_agent = f"exec_id={job['job_id']}"
+    mine = [r for r in setup.api.exec_requests() if r.headers.get("User-Agent", "").endswith(own_agent)]
+    assert len(mine) == (0 if setup.path == "warm" else 1)
+    return job
+
+
+async def test_server_job_answers_while_execs_run(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """A server job in the workspace answers an exec's request while another exec runs; its log
+    is read by offset; DELETE ends it and its group (through the kill path), reason killed."""
+    url = kube_setup.proxy.url
+    job = await start_kube_job(http, kube_setup, {"command": http_server(marker)})
+    reader = JobReader(http, url, str(job["job_id"]))
+    port = int((await reader.until(SERVING)).group(1))
+    gate = kube_setup.pod.root / "gate"
+    other = asyncio.create_task(
+        exec_events(
+            http, kube_setup.proxy, {"command": ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done"]}
+        )
+    )
+    fetched = await kube_exec(http, kube_setup, {"command": fetch_command(f"http://127.0.0.1:{port}/")})
+    assert output_of(fetched, "stdout") == b"200\n"
+    assert not other.done()
+    gate.touch()
+    assert final(await other)["exit_code"] == 0
+    await reader.until(GET_LOGGED, "stderr")
+    ended = await end_job(http, url, str(job["job_id"]))
+    assert ended["exit"]["reason"] == "killed"
+    assert await survivors(marker, within=10) == []
+    assert (await reader.to_end())["reason"] == "killed"
+
+
+async def test_output_read_in_pieces_is_exact(http: aiohttp.ClientSession, kube_setup: KubeSetup) -> None:
+    """Through the wrapper, output read a few bytes at a time is exactly what an exec gets."""
+    script = "i=0; while [ $i -lt 200 ]; do printf 'é€ line %s\\n' $i; printf 'e%s' $i >&2; i=$((i+1)); done"
+    whole = await exec_events(http, kube_setup.proxy, {"command": ["sh", "-c", script]})
+    job = await start_kube_job(http, kube_setup, {"command": ["sh", "-c", script]})
+    reader = JobReader(http, kube_setup.proxy.url, str(job["job_id"]))
+    exit_event = await reader.to_end(limit=97)
+    assert reader.output["stdout"] == output_of(whole, "stdout")
+    assert reader.output["stderr"] == output_of(whole, "stderr")
+    assert (exit_event["reason"], exit_event["exit_code"]) == ("exited", 0)
+
+
+async def test_timeout_ends_the_group(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """Past its timeout a job ends with reason timeout and nothing of it is left."""
+    job = await start_kube_job(http, kube_setup, {"command": forking(marker), "timeout": 2})
+    document = await wait_ended(http, kube_setup.proxy.url, str(job["job_id"]))
+    assert document["exit"]["reason"] == "timeout"
+    assert await survivors(marker, within=10) == []
+
+
+async def test_dropped_pod_is_pod_gone(
+    http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
+) -> None:
+    """A job whose pod goes away ends with reason pod_gone, its processes gone with it."""
+    job = await start_kube_job(http, kube_setup, {"command": forking(marker)})
+    await wait_for_processes(marker, 2)
+    kube_setup.api.delete_pod("ws-1")
+    document = await wait_ended(http, kube_setup.proxy.url, str(job["job_id"]))
+    assert (document["exit"]["reason"], document["exit"]["exit_code"]) == ("pod_gone", None)
+    assert await survivors(marker, within=10) == []
+
+
+async def test_shutdown_ends_jobs(http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str) -> None:
+    """Stopping the proxy ends its jobs (reason shutdown), nothing left in the workspace."""
+    job = await start_kube_job(http, kube_setup, {"command": forking(marker)})
+    await wait_for_processes(marker, 2)
+    await kube_setup.proxy.server.stop()
+    assert await survivors(marker, within=10) == []
+    exit_event = kube_setup.proxy.server.exec_app[JOBS].get(str(job["job_id"])).exit
+    assert exit_event is not None
+    assert exit_event.reason == "shutdown"
+    assert json.loads(exit_event.model_dump_json())["exit_code"] is None
