@@ -140,6 +140,18 @@ async def test_flooding_job_loses_oldest_bytes_and_says_how_many(
     )
 
 
+async def test_kill_sends_term_first(
+    http: aiohttp.ClientSession, proxy: RunningProxy, tmp_path: Path
+) -> None:
+    """Ending a job is TERM first (a server may shut down cleanly), KILL only after the grace."""
+    termed = tmp_path / "termed"
+    script = f"trap 'touch {termed}; exit 0' TERM; echo ready; while :; do sleep 0.02; done"
+    job = await start_job(http, proxy.url, {"command": ["sh", "-c", script]})
+    await JobReader(http, proxy.url, job["job_id"]).until(re.compile(b"ready"))
+    await end_job(http, proxy.url, job["job_id"])
+    assert termed.exists()
+
+
 async def test_timeout_ends_the_whole_group(
     http: aiohttp.ClientSession, proxy: RunningProxy, marker: str
 ) -> None:
