@@ -19,7 +19,7 @@ from .errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
+from .keys import ADMISSION, BACKEND, EXEC_APP, JOBS, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
 from .models import ExecRequest, RequestJsonError, load_request_json
 from .openapi import openapi_document
 from .settings import Settings
@@ -148,6 +148,8 @@ async def status_document(app: web.Application) -> dict[str, Any]:
         "ready": info.ready,
         "in_flight": app[SUPERVISOR].in_flight,
         "max_concurrent": settings.max_concurrent,
+        "jobs_running": app[JOBS].running,
+        "max_jobs": settings.max_jobs,
         "draining": app[SUPERVISOR].draining,
         "target": info.target,
     }

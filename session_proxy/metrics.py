@@ -139,6 +139,10 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        for outcome in (*get_args(ExitReason), "killed"):
+            self.jobs.labels(outcome=outcome)
+        for stream in ("stdout", "stderr"):
+            self.job_output_dropped_bytes.labels(stream=stream)
         self._create_watched_series()
 
     def _create_watched_series(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from jsonschema import Draft202012Validator
 
 from session_proxy.keys import JOBS
 
@@ -208,11 +209,19 @@ async def test_max_jobs_holds_with_its_own_count(
         assert (response.status, error["code"]) == (429, "job_limit")
         assert response.headers["Retry-After"] == "1"
     assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
+    async with http.get(f"{proxy.url}/status") as response:
+        status = await response.json()
+    assert (status["jobs_running"], status["max_jobs"], status["in_flight"]) == (2, 2, 0)
     await end_job(http, proxy.url, jobs[0]["job_id"])
     third = await start_job(http, proxy.url, {"command": ["sleep", marker]})
     for job in (jobs[1], third):
         await end_job(http, proxy.url, job["job_id"])
     assert await survivors(marker, within=5) == []
+    async with http.get(f"{proxy.ops_url}/metrics") as response:
+        text = await response.text()
+    assert "session_proxy_jobs_running 0.0" in text
+    assert 'session_proxy_jobs_total{outcome="killed"} 3.0' in text
+    assert 'session_proxy_rejections_total{reason="job_limit"} 1.0' in text
 
 
 @pytest.mark.parametrize(
@@ -311,3 +320,44 @@ async def test_ended_jobs_kept_are_bounded(http: aiohttp.ClientSession, make_pro
     async with http.get(f"{proxy.url}/jobs") as response:
         kept = [j["job_id"] for j in (await response.json())["jobs"]]
     assert kept == started[-4:]
+
+
+async def test_openapi_states_every_job_route_and_shape(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory
+) -> None:
+    """Every jobs route and method of the app is in /openapi.json with its statuses; a real job
+    document and a real read match the documented schemas; a job's timeout is bounded by
+    --max-job-duration there as in the server."""
+    proxy = await make_proxy(max_job_duration=99)
+    async with http.get(f"{proxy.url}/openapi.json") as response:
+        document = await response.json()
+    routes = {
+        (route.resource.canonical, route.method.lower())
+        for route in proxy.server.exec_app.router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/jobs")
+        and route.method != "HEAD"
+    }
+    documented = {
+        (path, method)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    assert routes == {r for r in documented if r[0].startswith("/jobs")}
+    assert {"201", "422", "429", "503"} <= set(document["paths"]["/jobs"]["post"]["responses"])
+    assert "404" in document["paths"]["/jobs/{job_id}"]["delete"]["responses"]
+    schemas = document["components"]["schemas"]
+    assert schemas["JobRequest"]["properties"]["timeout"]["anyOf"][0]["maximum"] == 99
+
+    def validator(name: str) -> Draft202012Validator:
+        return Draft202012Validator(
+            {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+        )
+
+    job = await start_job(http, proxy.url, {"command": ["sh", "-c", "printf 'a\\377'; echo b >&2"]})
+    ended = await wait_ended(http, proxy.url, job["job_id"])
+    for shown in (job, ended):
+        assert not list(validator("JobDocument").iter_errors(shown)), shown
+    for event in await read_output(http, proxy.url, job["job_id"], stdout=1):
+        assert not list(validator("JobEvent").iter_errors(event)), event
