@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -361,3 +362,20 @@ async def test_openapi_states_every_job_route_and_shape(
         assert not list(validator("JobDocument").iter_errors(shown)), shown
     for event in await read_output(http, proxy.url, job["job_id"], stdout=1):
         assert not list(validator("JobEvent").iter_errors(event)), event
+
+
+async def test_one_log_line_per_job(
+    http: aiohttp.ClientSession, proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each job logs one `job finished` line with its id, outcome, digest and bytes; the argv
+    itself only at debug level."""
+    caplog.set_level(logging.INFO, logger="session_proxy.jobs.job")
+    job = await start_job(http, proxy.url, {"command": ["sh", "-c", "echo s3cret-argument"]})
+    await wait_ended(http, proxy.url, job["job_id"])
+    lines = [r for r in caplog.records if r.getMessage() == "job finished"]
+    assert len(lines) == 1
+    line = lines[0].__dict__
+    assert (line["job_id"], line["outcome"], line["exit_code"]) == (job["job_id"], "exited", 0)
+    assert (line["stdout_bytes"], line["dropped_bytes"]) == (len("s3cret-argument\n"), 0)
+    assert line["argv_sha256"].startswith("sha256:")
+    assert "s3cret" not in caplog.text

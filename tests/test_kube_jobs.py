@@ -5,23 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from session_proxy.keys import JOBS
 
 from .conftest import (
+    TOKEN,
     KubeSetup,
+    ProxyFactory,
+    ProxyProcess,
+    RunningProxy,
     exec_events,
     final,
     forking,
     kube_exec,
+    kube_proxy,
     output_of,
+    path_settings,
+    pod_survivors,
+    prewarm,
     survivors,
     wait_for_pool,
     wait_for_processes,
 )
 from .jobs_api import SERVING, JobReader, end_job, fetch_command, http_server, start_job, wait_ended
+from .kube_api_server import Fault
 from .test_jobs import GET_LOGGED
 
 
@@ -111,3 +124,44 @@ async def test_shutdown_ends_jobs(http: aiohttp.ClientSession, kube_setup: KubeS
     assert exit_event is not None
     assert exit_event.reason == "shutdown"
     assert json.loads(exit_event.model_dump_json())["exit_code"] is None
+
+
+IDLE_CUT = 1.5  # seconds without a frame either way before the "load balancer" cuts
+
+
+async def test_quiet_job_outlives_an_idle_cutter(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A job's exec stream is pinged like an exec's: a job silent for 3 x the idle cut ends on
+    its own; through a proxy that pings too rarely the same job is cut (the fault bites)."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    kube.faults.append(Fault(path="/exec", idle_cut=IDLE_CUT, times=-1))
+    body = {"command": ["sh", "-c", f"sleep {3 * IDLE_CUT}; echo done"], "timeout": 30}
+    for interval, reason in ((0.1, "exited"), (20.0, "transport_lost")):
+        proxy = await kube_proxy(
+            kube, make_proxy, tmp_path, exec_ping_interval=interval, exec_ping_timeout=40
+        )
+        job = await start_job(http, proxy.url, body)
+        document = await wait_ended(http, proxy.url, str(job["job_id"]))
+        assert document["exit"]["reason"] == reason, document
+
+
+async def test_dead_man_switch_ends_a_job_when_the_proxy_is_killed(
+    http: aiohttp.ClientSession, kube: Any, spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path,
+    marker: str, exec_path: str,
+) -> None:  # fmt: skip
+    """SIGKILL the proxy while a job runs: its exec stream dies, the wrapper sees stdin EOF and
+    ends the job's group; nothing of the pod's is left."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    config = kube.write_kubeconfig(tmp_path / "kc", TOKEN)
+    warm_execs = str(path_settings(exec_path)["warm_execs"])
+    proxy = spawn_proxy("--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
+                        "--session-name", "s1", "--warm-execs", warm_execs)  # fmt: skip
+    running = RunningProxy(server=None, url=proxy.url, ops_url=proxy.ops_url)  # type: ignore[arg-type]
+    await prewarm(http, running, exec_path)
+    setup = KubeSetup(kube, running, pod, exec_path)
+    await start_kube_job(http, setup, {"command": forking(marker)})
+    await wait_for_processes(marker, 2)
+    proxy.process.send_signal(signal.SIGKILL)
+    assert await survivors(marker) == []
+    assert await pod_survivors(pod.uid) == []
