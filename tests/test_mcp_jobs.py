@@ -56,7 +56,13 @@ async def test_agent_runs_a_server_as_a_job(
             logged += text_of(read)
             offsets = {k: read.structured_content[k] for k in offsets}
         assert '"GET /?one HTTP/1.1" 200' in logged
-        assert "Serving HTTP" not in logged  # grep kept only the request lines
+        everything = {"stdout_offset": 0, "stderr_offset": 0}
+        grepped = text_of(
+            await session.call_tool("job_output", {"job_id": job["job_id"], **everything, "grep": "two"})
+        )
+        assert '"GET /?two HTTP/1.1" 200' in grepped
+        assert "Serving HTTP" not in grepped  # grep kept only the matching line
+        assert "?one" not in grepped
         again = await session.call_tool("job_output", {"job_id": job["job_id"], **offsets})
         assert "(no new output)" in text_of(again)
         ended = await session.call_tool("job_end", {"job_id": job["job_id"]})
