@@ -165,3 +165,22 @@ async def test_dead_man_switch_ends_a_job_when_the_proxy_is_killed(
     proxy.process.send_signal(signal.SIGKILL)
     assert await survivors(marker) == []
     assert await pod_survivors(pod.uid) == []
+
+
+async def test_no_workspace_is_refused_like_an_exec(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A job that cannot start (no workspace pod) is refused as /exec is, 503 with Retry-After,
+    and no job is left behind."""
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=0)
+    async with http.post(f"{proxy.url}/exec", json={"command": ["true"]}) as response:
+        exec_status, exec_error = response.status, (await response.json())["error"]
+    async with http.post(f"{proxy.url}/jobs", json={"command": ["true"]}) as response:
+        assert (response.status, (await response.json())["error"]["code"]) == (
+            exec_status,
+            exec_error["code"],
+        )
+        assert response.headers["Retry-After"]
+    assert exec_status == 503
+    async with http.get(f"{proxy.url}/jobs") as response:
+        assert (await response.json())["jobs"] == []

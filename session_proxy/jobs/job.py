@@ -38,6 +38,10 @@ class Job:
         self.guarantees: Guarantees | None = None
         self.waiting: str | None = None
         self.exit: JobExitEvent | None = None
+        # Why the job could not start, if it failed before it ran or waited: the POST answers
+        # with this error (as /exec would) and the job is not kept.
+        self.start_error: ProxyError | None = None
+        self._waited = False
         self.settled = asyncio.Event()  # started, waiting or ended: the POST may answer
         self._backend = backend
         self._kill_grace = kill_grace
@@ -79,6 +83,8 @@ class Job:
         try:
             status, reason = await self._start_and_pump()
         except ProxyError as error:
+            if self.state == "starting" and not self._waited:
+                self.start_error = error
             failed: JobEndReason = self._stop_reason or "error"
             status, reason = ExitStatus(None, reason="error", message=error.message), failed
         except Exception as error:
@@ -142,6 +148,7 @@ class Job:
             self._timer = None
 
     async def _on_waiting(self, message: str) -> None:
+        self._waited = True
         self.waiting = message
         self._changed_now()
 
@@ -165,7 +172,8 @@ class Job:
         self.state = "ended"
         self.waiting = None
         self._changed_now()
-        self._log_line()
+        if self.start_error is None:  # else the refusal is logged and counted as one
+            self._log_line()
 
     def _log_line(self) -> None:
         assert self.exit is not None

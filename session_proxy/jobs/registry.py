@@ -72,24 +72,33 @@ class JobRegistry:
         self._metrics.jobs_running.inc()
         # Shielded: a client hanging up now leaves a job that runs (as it would a moment later).
         await asyncio.shield(job.settled.wait())
+        if job.start_error is not None:
+            raise job.start_error
         return job
 
     async def _run(self, job: Job) -> None:
         try:
             await job.run()
         finally:
-            del self._tasks[job.job_id]
-            self._metrics.jobs_running.dec()
-            outcome = job.exit.reason if job.exit else "error"
-            self._metrics.jobs.labels(outcome=outcome).inc()
-            dropped = self._metrics.job_output_dropped_bytes
-            for stream, ring in job.rings.items():
-                dropped.labels(stream=stream).inc(ring.start)
-            if not self._closing:
-                loop = asyncio.get_running_loop()
-                retention = self._settings.job_retention
-                self._forget_timers[job.job_id] = loop.call_later(retention, self._forget, job.job_id)
-                self._forget_beyond_keep()
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        """The job's group is gone: free its slot, count it, and keep it for the retention."""
+        del self._tasks[job.job_id]
+        self._metrics.jobs_running.dec()
+        if job.start_error is not None:
+            self._jobs.pop(job.job_id, None)  # refused, not a job: nothing to keep or count
+            return
+        outcome = job.exit.reason if job.exit else "error"
+        self._metrics.jobs.labels(outcome=outcome).inc()
+        dropped = self._metrics.job_output_dropped_bytes
+        for stream, ring in job.rings.items():
+            dropped.labels(stream=stream).inc(ring.start)
+        if not self._closing:
+            loop = asyncio.get_running_loop()
+            retention = self._settings.job_retention
+            self._forget_timers[job.job_id] = loop.call_later(retention, self._forget, job.job_id)
+            self._forget_beyond_keep()
 
     def _forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
