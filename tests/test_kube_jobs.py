@@ -184,3 +184,20 @@ async def test_no_workspace_is_refused_like_an_exec(
     assert exec_status == 503
     async with http.get(f"{proxy.url}/jobs") as response:
         assert (await response.json())["jobs"] == []
+
+
+async def test_max_jobs_holds(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """Through Kubernetes too, --max-jobs running jobs refuse the next (429 job_limit) while
+    execs still run; ending one makes room."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, max_jobs=1, max_concurrent=1)
+    first = await start_job(http, proxy.url, {"command": ["sleep", marker]})
+    async with http.post(f"{proxy.url}/jobs", json={"command": ["sleep", marker]}) as response:
+        assert (response.status, (await response.json())["error"]["code"]) == (429, "job_limit")
+    assert final(await exec_events(http, proxy, {"command": ["true"]}))["exit_code"] == 0
+    await end_job(http, proxy.url, str(first["job_id"]))
+    second = await start_job(http, proxy.url, {"command": ["sleep", marker]})
+    await end_job(http, proxy.url, str(second["job_id"]))
+    assert await survivors(marker, within=10) == []
