@@ -13,7 +13,19 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import auth, handlers
 from .backends.base import ExecBackend
 from .guards import SECURITY_HEADERS, json_errors, local_only
-from .keys import ADMISSION, AUTH_TOKEN, BACKEND, EXEC_APP, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
+from .jobs import handlers as job_handlers
+from .jobs.registry import JobRegistry
+from .keys import (
+    ADMISSION,
+    AUTH_TOKEN,
+    BACKEND,
+    EXEC_APP,
+    JOBS,
+    METRICS,
+    METRICS_HANDLER,
+    SETTINGS,
+    SUPERVISOR,
+)
 from .limits import Admission
 from .mcp import http as mcp_http
 from .metrics import Metrics
@@ -62,6 +74,13 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[BACKEND].close()
 
 
+async def _jobs_lifetime(app: web.Application) -> AsyncIterator[None]:
+    # Cleaned up before the backend closes: every job ends (shutdown) while it can still kill.
+    app[JOBS] = JobRegistry(app[SETTINGS], app[BACKEND], app[METRICS])
+    yield
+    await app[JOBS].close()
+
+
 async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``Cache-Control: no-store`` and ``X-Content-Type-Options: nosniff`` on every answer.
 
@@ -90,12 +109,14 @@ def create_app(
     app[METRICS].describe_build(app[BACKEND].name)
     app[METRICS].in_flight_limit.set(settings.max_concurrent)
     app.cleanup_ctx.append(_lifetime)
+    app.cleanup_ctx.append(_jobs_lifetime)
     app.on_response_prepare.append(_add_security_headers)
     app.router.add_post("/exec", handlers.post_exec)
     app.router.add_get("/status", handlers.get_status)
     app.router.add_get("/logs", handlers.get_logs)
     app.router.add_get("/healthz", handlers.get_healthz)
     app.router.add_get("/openapi.json", handlers.get_openapi)
+    job_handlers.add_routes(app.router)
     mcp_http.mount(app, settings)
     return app
 

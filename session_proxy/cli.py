@@ -1,4 +1,5 @@
-"""Command line: ``session-proxy serve`` (the sidecar), ``exec`` (a client), ``mcp`` (stdio MCP).
+"""Command line: ``session-proxy serve`` (the sidecar), ``exec`` (a client), ``jobs`` (background
+jobs: ``exec --background`` starts one), ``mcp`` (stdio MCP).
 
 ``serve`` exit codes: 0 after a clean stop; 2 when the configuration cannot work (an invalid
 setting, a backend or token file that cannot be used); 1 when it cannot listen. A start-up
@@ -107,8 +108,11 @@ def _exec(flags: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     stdin = sys.stdin.buffer.read() if flags.interactive else None
+    run = run_exec_command
+    if flags.background:
+        from .job_command import start_background as run
     return asyncio.run(
-        run_exec_command(
+        run(
             command,
             url=flags.url,
             workdir=flags.workdir,
@@ -145,6 +149,30 @@ def _mcp(flags: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(flags: argparse.Namespace) -> int:
+    from . import job_command
+
+    if flags.action == "list":
+        return asyncio.run(job_command.list_jobs(url=flags.url))
+    if flags.action == "kill":
+        return asyncio.run(job_command.kill_job(flags.job_id, url=flags.url))
+    return asyncio.run(job_command.job_output(flags.job_id, url=flags.url, follow=flags.action == "follow"))
+
+
+def _add_jobs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    jobs = commands.add_parser("jobs", help="list, read and end background jobs (exec --background)")
+    jobs.add_argument("--url", help="proxy URL or unix:/path (env SESSION_PROXY_URL)")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="one line per job: id, state, bytes written, command")
+    for action, help_text in (
+        ("output", "print the job's output kept so far"),
+        ("follow", "print the job's output until it ends; exit with its code"),
+        ("kill", "end the job and everything it started"),
+    ):
+        actions.add_parser(action, help=help_text).add_argument("job_id")
+    jobs.set_defaults(run=_jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="session-proxy", description="Exec sidecar for AI agents on Kubernetes."
@@ -166,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument(
         "-i", "--interactive", action="store_true", help="send this process's stdin to the command"
     )
+    execute.add_argument(
+        "--background", action="store_true", help="start it as a background job; print its id"
+    )
     execute.add_argument("command", nargs=argparse.REMAINDER)
     execute.set_defaults(run=_exec)
+    _add_jobs_parser(commands)
 
     mcp = commands.add_parser("mcp", help="serve the MCP tools over stdio, forwarding to a proxy")
     mcp.add_argument("--url", help="proxy URL or unix:/path (env SESSION_PROXY_URL)")

@@ -21,10 +21,12 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import ValidationError
 
+from .jobs.models import JOB_EVENT_ADAPTER, JobDocument, JobEvent, JobList
 from .models import EVENT_ADAPTER, ExitEvent, OutputEvent, StartEvent, WaitingEvent
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -112,17 +114,7 @@ class ExecClient:
         timeout: float | None = None,
     ) -> ExecEvents:
         """Run ``command``; its events arrive as they happen, the last one an ``ExitEvent``."""
-        body: dict[str, Any] = {"command": command}
-        if workdir is not None:
-            body["workdir"] = workdir
-        if env:
-            body["env"] = env
-        if isinstance(stdin, str):
-            body["stdin"] = stdin
-        elif stdin is not None:
-            body["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
-        if timeout is not None:
-            body["timeout"] = timeout
+        body = _exec_body(command, workdir=workdir, env=env, stdin=stdin, timeout=timeout)
         return ExecEvents(self._stream(body))
 
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[ExecEvent, None]:
@@ -151,6 +143,109 @@ class ExecClient:
             ) from None
         except aiohttp.ClientError as error:
             raise ProxyProtocolError(f"talking to session-proxy failed: {error!r}") from error
+
+    # ---- background jobs (POST /jobs and below) ------------------------------------------
+
+    async def start_job(
+        self,
+        command: list[str],
+        *,
+        workdir: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> JobDocument:
+        """Start ``command`` as a background job; returns once it runs (or waits for the workspace)."""
+        body = _exec_body(command, workdir=workdir, env=env, stdin=stdin, timeout=timeout)
+        return JobDocument.model_validate(await self._json("POST", "/jobs", body=body))
+
+    async def jobs(self) -> list[JobDocument]:
+        """Running jobs and ended ones still kept, oldest first."""
+        return JobList.model_validate(await self._json("GET", "/jobs")).jobs
+
+    async def job(self, job_id: str) -> JobDocument:
+        return JobDocument.model_validate(await self._json("GET", f"/jobs/{quote(job_id, safe='')}"))
+
+    async def end_job(self, job_id: str) -> JobDocument:
+        """End the job (TERM, grace, KILL; the whole group); returns it once it is gone."""
+        return JobDocument.model_validate(await self._json("DELETE", f"/jobs/{quote(job_id, safe='')}"))
+
+    async def job_output(
+        self,
+        job_id: str,
+        *,
+        stdout: int = 0,
+        stderr: int = 0,
+        wait: float = 0,
+        follow: bool = False,
+        limit: int | None = None,
+    ) -> AsyncIterator[JobEvent]:
+        """The job's output from the given offsets; the last event is a ``CursorEvent``."""
+        query = {
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+            "wait": str(wait),
+            "follow": str(follow).lower(),
+        }
+        if limit is not None:
+            query["limit"] = str(limit)
+        path = f"{self._base}/jobs/{quote(job_id, safe='')}/output"
+        try:
+            async with self._session.get(path, params=query) as response:
+                if response.status != 200:
+                    raise await _refusal(response)
+                async for line in _lines(response):
+                    yield JOB_EVENT_ADAPTER.validate_json(line)
+        except aiohttp.ClientError as error:
+            raise _client_error(self._base, error) from error
+
+    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            async with self._session.request(method, f"{self._base}{path}", json=body) as response:
+                if response.status >= 300:
+                    raise await _refusal(response)
+                return await response.json()
+        except aiohttp.ClientError as error:
+            raise _client_error(self._base, error) from error
+
+
+def _exec_body(
+    command: list[str],
+    *,
+    workdir: str | None,
+    env: dict[str, str] | None,
+    stdin: bytes | str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"command": command}
+    if workdir is not None:
+        body["workdir"] = workdir
+    if env:
+        body["env"] = env
+    if isinstance(stdin, str):
+        body["stdin"] = stdin
+    elif stdin is not None:
+        body["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+    if timeout is not None:
+        body["timeout"] = timeout
+    return body
+
+
+def _client_error(base: str, error: aiohttp.ClientError) -> ProxyClientError:
+    if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return ProxyUnreachable(f"cannot reach session-proxy at {base}: {error}")
+    return ProxyProtocolError(f"talking to session-proxy failed: {error!r}")
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    pending = bytearray()
+    async for data in response.content.iter_any():
+        pending += data
+        if b"\n" in data:
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
+            for line in lines:
+                yield bytes(line)
 
 
 class ExecEvents:

@@ -19,7 +19,7 @@ from .errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from .keys import ADMISSION, BACKEND, EXEC_APP, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
+from .keys import ADMISSION, BACKEND, EXEC_APP, JOBS, METRICS, METRICS_HANDLER, SETTINGS, SUPERVISOR
 from .models import ExecRequest, RequestJsonError, load_request_json
 from .openapi import openapi_document
 from .settings import Settings
@@ -77,15 +77,18 @@ def _field_name(location: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in location) or "(body)"
 
 
-def parse_exec_request(body: bytes, settings: Settings) -> ExecRequest:
-    """Validate a body; 400 if it is not strict JSON, 422 naming each invalid field otherwise."""
+def parse_exec_request(body: bytes, settings: Settings, *, max_timeout: float | None = None) -> ExecRequest:
+    """Validate a body; 400 if it is not strict JSON, 422 naming each invalid field otherwise.
+
+    ``max_timeout``: the largest ``timeout`` allowed, if not ``--max-timeout`` (a job's is longer).
+    """
     try:
         document = load_request_json(body)
     except RequestJsonError as error:
         raise MalformedRequest(str(error)) from None
     try:
         return ExecRequest.model_validate(
-            document, strict=True, context={"max_timeout": settings.max_timeout}
+            document, strict=True, context={"max_timeout": max_timeout or settings.max_timeout}
         )
     except ValidationError as error:
         problems = error.errors(include_url=False)
@@ -145,6 +148,8 @@ async def status_document(app: web.Application) -> dict[str, Any]:
         "ready": info.ready,
         "in_flight": app[SUPERVISOR].in_flight,
         "max_concurrent": settings.max_concurrent,
+        "jobs_running": app[JOBS].running,
+        "max_jobs": settings.max_jobs,
         "draining": app[SUPERVISOR].draining,
         "target": info.target,
     }
@@ -178,7 +183,9 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 async def get_openapi(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    return web.json_response(openapi_document(settings.max_timeout, settings.default_timeout))
+    return web.json_response(
+        openapi_document(settings.max_timeout, settings.default_timeout, settings.max_job_duration)
+    )
 
 
 # Ops listener: reachable from the pod network, so nothing here runs commands or shows data.

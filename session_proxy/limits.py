@@ -60,6 +60,10 @@ class Admission:
             raise
         return slot
 
+    async def take_rate_token(self) -> None:
+        """The rate limit alone, for requests with a cap of their own (jobs)."""
+        await self._take_rate_token()
+
     @property
     def active(self) -> int:
         """Slots held now: execs admitted whose command group is not gone yet."""

@@ -124,6 +124,25 @@ class Metrics:
             "Processes of a local command still alive after KILL (each is also logged).",
             registry=r,
         )
+        self.jobs_running = Gauge(
+            "session_proxy_jobs_running", "Background jobs whose command group is not gone yet.", registry=r
+        )
+        self.jobs = Counter(
+            "session_proxy_jobs",
+            "Background jobs that ended, by how (an exit reason, or killed: ended by request).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_output_dropped_bytes = Counter(
+            "session_proxy_job_output_dropped_bytes",
+            "Job output bytes that fell out of a job's ring (--job-output-bytes), by stream.",
+            ["stream"],
+            registry=r,
+        )
+        for outcome in (*get_args(ExitReason), "killed"):
+            self.jobs.labels(outcome=outcome)
+        for stream in ("stdout", "stderr"):
+            self.job_output_dropped_bytes.labels(stream=stream)
         self._create_watched_series()
 
     def _create_watched_series(self) -> None:

@@ -258,6 +258,8 @@ class StatusResponse(BaseModel):
     ready: bool
     in_flight: int
     max_concurrent: int
+    jobs_running: int = Field(description="background jobs running now")
+    max_jobs: int = Field(description="the cap on background jobs (--max-jobs)")
     draining: bool
     target: dict[str, Any] = Field(description="backend-specific description of the target")
 

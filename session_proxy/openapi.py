@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import __version__
+from .jobs.openapi import job_components, job_paths, job_request_schema
 from .models import (
     ErrorBody,
     ExecRequest,
@@ -32,7 +33,8 @@ ERRORS = {
     "415": "Content-Type not application/json (unsupported_media_type), any Content-Encoding "
     "(content_encoding), a Transfer-Encoding other than chunked (transfer_encoding)",
     "422": "A field is invalid; `fields` says which and why (invalid_request)",
-    "429": "Rate or concurrency limit; see Retry-After (rate_limited, concurrency_limit)",
+    "429": "Rate or concurrency limit; see Retry-After (rate_limited, concurrency_limit, and for "
+    "jobs job_limit)",
     "502": "The backend (Kubernetes API server) failed (backend_error)",
     "503": "Workspace not ready or proxy shutting down; see Retry-After (not_ready, shutting_down)",
     "505": "Not HTTP/1.1: the event stream is chunked, which needs HTTP/1.1 (http_version)",
@@ -96,10 +98,13 @@ def _exec_request_schema(
 
 @functools.cache
 def openapi_document(
-    max_timeout: float | None = None, default_timeout: float | None = None
+    max_timeout: float | None = None,
+    default_timeout: float | None = None,
+    max_job_duration: float | None = None,
 ) -> dict[str, Any]:
     """The document; the server's ``max_timeout`` bounds ``timeout`` in the schema, its
-    ``default_timeout`` is the default there (``session-proxy mcp`` reads both from it)."""
+    ``default_timeout`` is the default there (``session-proxy mcp`` reads both from it), and
+    ``max_job_duration`` bounds a job's."""
     models: list[type[BaseModel]] = [
         ExecRequest,
         StartEvent,
@@ -115,6 +120,11 @@ def openapi_document(
     _exec_request_schema(schemas["ExecRequest"], max_timeout, default_timeout)
     event_union = {"oneOf": [_ref(m) for m in (StartEvent, WaitingEvent, OutputEvent, ExitEvent)]}
     schemas["ExecEvent"] = {**event_union, "discriminator": {"propertyName": "type"}}
+    job_models, job_schemas = job_components()
+    _, generated = models_json_schema([(m, "serialization") for m in job_models], ref_template=REF)
+    schemas.update(generated["$defs"])
+    schemas.update(job_schemas)
+    schemas["JobRequest"] = job_request_schema(schemas["ExecRequest"], max_job_duration)
     guarded = _error_responses("401", "403")
     return {
         "openapi": "3.1.0",
@@ -148,6 +158,7 @@ def openapi_document(
                     },
                 }
             },
+            **job_paths(),
             "/status": {
                 "get": {
                     "summary": "Backend and target state",

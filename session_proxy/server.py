@@ -23,7 +23,7 @@ from aiohttp import web
 from .app import create_app, create_ops_app
 from .backends.base import ExecBackend
 from .http_protocol import ProxyAppRunner
-from .keys import SUPERVISOR
+from .keys import JOBS, SUPERVISOR
 from .log_throttle import LogThrottle
 from .settings import Settings, TcpAddress, UnixAddress
 
@@ -128,6 +128,7 @@ class ProxyServer:
 
     async def _drain_and_close(self) -> None:
         settle = self.settings.kill_grace + SHUTDOWN_SLACK
+        self.exec_app[JOBS].stop_all()  # jobs end with the proxy, at once (reason shutdown)
         await self.exec_app[SUPERVISOR].drain(self.settings.shutdown_grace, settle=settle)
         await self._close()
         log.info("stopped")

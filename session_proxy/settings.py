@@ -164,6 +164,14 @@ class Settings(BaseModel):
         0.5, ge=0, description="seconds a request over the rate may wait for capacity before 429"
     )
     kill_grace: float = Field(5, ge=0, description="seconds between TERM and KILL")
+    max_jobs: int = Field(4, ge=1, le=1000, description="background jobs running at once (its own cap)")
+    max_job_duration: float = Field(
+        3600, gt=0, description="seconds a background job may run: its default and largest timeout"
+    )
+    job_output_bytes: int = Field(
+        1 * MiB, ge=1024, le=64 * MiB, description="bytes kept per stream of a job; older ones are dropped"
+    )
+    job_retention: float = Field(600, ge=0, description="seconds an ended job stays readable")
     shutdown_grace: float = Field(20, ge=0, description="seconds running execs may finish on SIGTERM")
 
     # MCP (/mcp on the exec listener)

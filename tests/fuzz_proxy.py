@@ -38,6 +38,7 @@ LISTENING = re.compile(rb'"exec_url": "http://127.0.0.1:(\d+)"')
 # Settings that keep whatever random argv runs short and small.
 FUZZ_FLAGS = (
     "--rate-limit", "0", "--max-timeout", "2", "--default-timeout", "2", "--kill-grace", "0.2",
+    "--max-job-duration", "2",
     "--max-output-bytes", "65536", "--max-concurrent", "64", "--body-timeout", "5",
 )  # fmt: skip
 

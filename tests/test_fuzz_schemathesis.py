@@ -37,7 +37,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnprivilegedPro
 
 # The document the fuzzed proxy serves (its --max-timeout is 2), built here because the
 # schema must exist when the tests are collected; a test checks it is the one served.
-DOCUMENT = openapi_document(max_timeout=2, default_timeout=2)
+DOCUMENT = openapi_document(max_timeout=2, default_timeout=2, max_job_duration=2)
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 
@@ -47,24 +47,26 @@ def tally() -> Counter[tuple[str, int]]:
     return Counter()
 
 
-def _event_validator(document: dict[str, Any]) -> Draft202012Validator:
-    root = {"$ref": "#/components/schemas/ExecEvent", "components": document["components"]}
+def _event_validator(document: dict[str, Any], name: str) -> Draft202012Validator:
+    root = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
     return Draft202012Validator(root)
 
 
 @schemathesis.check
 def ndjson_events_follow_the_contract(ctx: Any, response: Any, case: Any) -> bool | None:
-    """A 200 from /exec is NDJSON: every line a documented event, exactly one exit, last."""
+    """A 200 from /exec is NDJSON: every line a documented event, exactly one exit, last; from a
+    job's output, every line a job event, one cursor, last."""
     if response.headers.get("content-type", [""])[0] != "application/x-ndjson":
         return None
-    validator = _event_validator(case.operation.schema.raw_schema)
+    name, last = ("ExecEvent", "exit") if case.operation.path == "/exec" else ("JobEvent", "cursor")
+    validator = _event_validator(case.operation.schema.raw_schema, name)
     events = [json.loads(line) for line in response.content.splitlines()]
     for event in events:
         errors = [error.message for error in validator.iter_errors(event)]
-        assert not errors, f"event {event} does not match ExecEvent: {errors}"
+        assert not errors, f"event {event} does not match {name}: {errors}"
     types = [event["type"] for event in events]
-    assert types.count("exit") == 1, types
-    assert types[-1] == "exit", types
+    assert types.count(last) == 1, types
+    assert types[-1] == last, types
     return True
 
 

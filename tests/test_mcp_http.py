@@ -161,7 +161,7 @@ async def test_the_current_protocol_version_works(proxy: RunningProxy) -> None:
         result = await client.call_tool(
             "exec", {"command": "echo modern; sleep 1.2; echo done"}, progress_callback=progress
         )
-    assert {tool.name for tool in tools.tools} == {"exec", "status", "logs"}
+    assert {tool.name for tool in tools.tools} == {"exec", "status", "logs", "job_output", "job_end"}
     assert text_of(result) == "modern\ndone\nexit code: 0"
     assert any("modern" in message for message in progress.messages)
 

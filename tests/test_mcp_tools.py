@@ -59,7 +59,7 @@ async def test_tools_are_listed_with_schemas(workspace: Workspace, transport: st
     """exec, status and logs are listed with input and output schemas and honest annotations."""
     async with connect(transport, workspace.proxy.url, tmp_path) as session:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
-    assert set(tools) == {"exec", "status", "logs"}
+    assert set(tools) == {"exec", "status", "logs", "job_output", "job_end"}
     exec_tool = tools["exec"]
     assert {"command", "argv", "workdir", "timeout", "env", "stdin"} <= set(
         exec_tool.input_schema["properties"]

@@ -89,7 +89,10 @@ async def test_openapi_document_is_valid_and_complete(
     async with http.get(f"{proxy.url}/openapi.json") as response:
         document = await response.json()
     validate(document)
-    assert set(document["paths"]) == {"/exec", "/status", "/logs", "/healthz", "/openapi.json"}
+    assert set(document["paths"]) == {
+        "/exec", "/status", "/logs", "/healthz", "/openapi.json",
+        "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/output",
+    }  # fmt: skip
     exec_responses = document["paths"]["/exec"]["post"]["responses"]
     assert set(exec_responses) == {
         "200", "400", "401", "403", "408", "413", "415", "422", "429", "502", "503", "505"

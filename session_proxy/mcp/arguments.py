@@ -48,6 +48,13 @@ class ExecArguments(BaseModel):
     )
     env: dict[str, str] | None = Field(None, description="Extra environment variables for the command.")
     stdin: str | None = Field(None, description="Text fed to the command's standard input, then EOF.")
+    background: bool = Field(
+        False,
+        description="Run it as a background job (a server, a watcher, a long test run): the call "
+        "returns at once with the job's id, its first output and offsets; read more with "
+        "`job_output`, end it with `job_end`. It runs until it exits, `job_end`, its `timeout` "
+        "(default: the proxy's maximum job duration) or the proxy stops.",
+    )
 
     @model_validator(mode="after")
     def _one_command(self) -> ExecArguments:

@@ -38,6 +38,10 @@ class ToolTarget(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def client(self) -> ExecClient:
+        """The exec API's client, for the job tools (POST /jobs and below)."""
+
 
 class ExecApiTarget:
     """A proxy's exec API at ``url`` (``http://host:port`` or ``unix:/path``).
@@ -97,6 +101,10 @@ class ExecApiTarget:
             timeout = aiohttp.ClientTimeout(total=GET_TIMEOUT)
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
         return self._session, base.rstrip("/")
+
+    @property
+    def client(self) -> ExecClient:
+        return self._client
 
     async def _get(self, path: str, query: dict[str, str]) -> str:
         session, base = self._http()

@@ -24,6 +24,7 @@ from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
 from .arguments import ExecArguments, LogsArguments, ToolOptions
 from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
+from .job_tools import JOB_TOOLS, call_job_tool, job_tool_list, start_background, with_background
 from .log_notices import LogNotices
 from .target import ToolTarget
 
@@ -92,7 +93,7 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             title="Run a command in the workspace",
             description=exec_description(options),
             input_schema=exec_schema,
-            output_schema=EXEC_OUTPUT_SCHEMA,
+            output_schema=with_background(EXEC_OUTPUT_SCHEMA),
             annotations=types.ToolAnnotations(
                 read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
             ),
@@ -118,6 +119,7 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             input_schema=LogsArguments.model_json_schema(),
             annotations=READ_ONLY,
         ),
+        *job_tool_list(),
     ]
 
 
@@ -180,7 +182,13 @@ class ToolCalls:
     ) -> ToolOutcome:
         try:
             if name == "exec":
-                outcome = await self._exec(ctx, ExecArguments.model_validate(arguments))
+                exec_arguments = ExecArguments.model_validate(arguments)
+                if exec_arguments.background:
+                    outcome = await start_background(self._target.client, exec_arguments, self._options)
+                else:
+                    outcome = await self._exec(ctx, exec_arguments)
+            elif name in JOB_TOOLS:
+                outcome = await call_job_tool(self._target.client, name, arguments, self._options)
             elif name == "status":
                 outcome = (
                     await self._status()
@@ -190,7 +198,8 @@ class ToolCalls:
             elif name == "logs":
                 outcome = await self._logs(LogsArguments.model_validate(arguments))
             else:
-                outcome = ToolOutcome(f"unknown tool {name!r}; there are exec, status, logs", is_error=True)
+                known = ", ".join(("exec", "status", "logs", *JOB_TOOLS))
+                outcome = ToolOutcome(f"unknown tool {name!r}; there are {known}", is_error=True)
         except ValidationError as error:
             outcome = _invalid(error)
         return outcome

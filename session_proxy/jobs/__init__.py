@@ -1,0 +1,1 @@
+"""Background jobs: execs that outlive their request, their output kept in bounded rings."""
