@@ -118,13 +118,18 @@ def _names_and_values(objects: Objects) -> str:
 
 
 def test_session_layer_takes_its_name_as_its_one_input(tmp_path: Path) -> None:
-    """Rendered for two names, the session layer differs only by the name: nothing of one
-    session is fixed in it, and no placeholder is left."""
-    alpha = _names_and_values(session_layer(tmp_path / "a", "alpha-1"))
+    """Rendered for two names, the session layer differs only by the name, holds every rule for
+    each: nothing of one session is fixed in it, and no placeholder is left."""
+    alpha_objects = session_layer(tmp_path / "a", "alpha-1")
+    alpha = _names_and_values(alpha_objects)
     beta = _names_and_values(session_layer(tmp_path / "b", "beta-2"))
     assert "SESSION" not in alpha.replace("SESSION_", "")
+    assert "demo" not in alpha  # the example's name
     assert "alpha-1" in alpha
     assert alpha.replace("alpha-1", "beta-2") == beta
+    # Every rule holds for this session too: its Role, volume and pods name it, not another.
+    deployed = [*render("cluster"), *render("namespace"), *alpha_objects]
+    assert {rule: check(deployed) for rule, check in RULES.items() if check(deployed)} == {}
     assert fixed_session_names([*render("cluster"), *render("namespace")]) == []
 
 
