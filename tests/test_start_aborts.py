@@ -38,7 +38,9 @@ from .http_raw import request_bytes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 LABELS = {"session": "s1", "type": "workspace"}
-MAX_CONCURRENT = 12
+# Slots, so that a good part of the tries reach a start (an ended command holds its slot until
+# its group is gone, so a storm runs into the cap; tries refused with 429 start nothing).
+MAX_CONCURRENT = {"local": 40, "kubernetes": 16}
 AT_ONCE = 6  # aborted requests in flight at a time
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
@@ -50,6 +52,7 @@ class Target:
     proxy: ProxyProcess
     marker: str
     started: Path  # each command appends its try number here when it runs
+    slots: int = MAX_CONCURRENT["local"]  # its --max-concurrent
     api_port: int | None = None  # the Kubernetes API test server's port, if any
     kube: Any = None
 
@@ -167,36 +170,40 @@ async def storm(tries: int, attempt: Callable[[int], Awaitable[None]]) -> None:
     await asyncio.gather(*(worker() for _ in range(AT_ONCE)))
 
 
-async def all_slots_free(http: aiohttp.ClientSession, target: Target, tmp_path: Path) -> None:
+async def all_slots_free(target: Target, tmp_path: Path) -> None:
     """``--max-concurrent`` commands run at once (a slot is held until its command's group is
     gone, so ends still under way are waited for): no slot was kept by an aborted request."""
     gate = tmp_path / "slots-gate"
     body = {"command": ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done"]}
     running: list[aiohttp.ClientResponse] = []
     deadline = time.monotonic() + 30
-    try:
-        while len(running) < MAX_CONCURRENT:
-            response = await http.post(f"{target.proxy.url}/exec", json=body)
-            if response.status == 429:
+    async with aiohttp.ClientSession() as http:  # its own: no connection of it stays open after
+        try:
+            while len(running) < target.slots:
+                response = await http.post(f"{target.proxy.url}/exec", json=body)
+                if response.status == 429:
+                    response.release()
+                    assert time.monotonic() < deadline, f"only {len(running)} slots came back"
+                    await asyncio.sleep(0.1)
+                    continue
+                running.append(response)
+                assert response.status == 200, await response.text()
+                assert json.loads(await response.content.readline())["type"] == "start"
+        finally:
+            gate.touch()
+            for response in running:
+                events = [json.loads(line) async for line in response.content]
                 response.release()
-                assert time.monotonic() < deadline, f"only {len(running)} slots came back"
-                await asyncio.sleep(0.1)
-                continue
-            running.append(response)
-            assert response.status == 200, await response.text()
-            assert json.loads(await response.content.readline())["type"] == "start"
-    finally:
-        gate.touch()
-        for response in running:
-            events = [json.loads(line) async for line in response.content]
-            response.release()
-            assert events[-1]["reason"] == "exited", events
+                assert events[-1]["reason"] == "exited", events
 
 
 async def settle_and_check(
     http: aiohttp.ClientSession, target: Target, fds_before: int, tries: list[list[str]], tmp_path: Path
 ) -> dict[str, Any]:
     """The checks of the module docstring; returns figures for the test's report."""
+    # First every slot: a slot comes back only once its command's end is over, and a start
+    # still under way when its request ended holds its slot until it has been resolved too.
+    await all_slots_free(target, tmp_path)
     assert await survivors(target.marker, within=30) == []
     deadline = time.monotonic() + 30
     while (metrics := await scrape(http, target))["session_proxy_exec_in_flight"] != 0:
@@ -211,7 +218,6 @@ async def settle_and_check(
     assert missing == [], f"commands that ran without a log line: {missing}"
     counted = sum(v for k, v in metrics.items() if k.startswith("session_proxy_exec_requests_total{"))
     assert counted == len(lines), (counted, len(lines))
-    await all_slots_free(http, target, tmp_path)
     deadline = time.monotonic() + 30
     while (held := target.holdings()) != (fds_before, 0):
         assert time.monotonic() < deadline, f"fds other than TCP {fds_before} -> {held[0]}; clients {held[1]}"
@@ -258,8 +264,9 @@ async def test_local_aborts_around_the_start(
     spawn_proxy: Callable[..., ProxyProcess], tmp_path: Path, marker: str
 ) -> None:
     """Local backend: raw hang-ups and MCP cancels around the start leave nothing behind."""
-    proxy = spawn_proxy("--max-concurrent", str(MAX_CONCURRENT), "--rate-limit", "0", "--kill-grace", "1")
-    target = Target(proxy, marker, tmp_path / "started")
+    slots = MAX_CONCURRENT["local"]
+    proxy = spawn_proxy("--max-concurrent", str(slots), "--rate-limit", "0", "--kill-grace", "0.2")
+    target = Target(proxy, marker, tmp_path / "started", slots)
     async with aiohttp.ClientSession() as http:
         figures = await abort_storm(http, target, tmp_path, raw=900, mcp=300)
     print("local", figures)
@@ -277,11 +284,11 @@ async def test_kubernetes_aborts_around_the_start(
     warm = 2 if exec_path == "warm" else 0
     proxy = spawn_proxy(
         "--backend", "kubernetes", "--kubeconfig", str(config), "--namespace", "default",
-        "--session-name", "s1", "--workspace-wait", "3", "--kill-grace", "1", "--rate-limit", "0",
-        "--max-concurrent", str(MAX_CONCURRENT), "--warm-execs", str(warm),
+        "--session-name", "s1", "--workspace-wait", "3", "--kill-grace", "0.2", "--rate-limit", "0",
+        "--max-concurrent", str(MAX_CONCURRENT["kubernetes"]), "--warm-execs", str(warm),
     )  # fmt: skip
     api_port = int(kube.url.rsplit(":", 1)[1])
-    target = Target(proxy, marker, tmp_path / "started", api_port=api_port, kube=kube)
+    target = Target(proxy, marker, tmp_path / "started", MAX_CONCURRENT["kubernetes"], api_port, kube)
     async with aiohttp.ClientSession() as http:
 
         async def pool_full() -> None:

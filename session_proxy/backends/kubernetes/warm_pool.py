@@ -61,9 +61,10 @@ DISCARD_REASONS: Final[tuple[DiscardReason, ...]] = (
 # After a refused open or a warm exec that died, the next open waits 1 s, 2 s, 4 s ... 60 s.
 BACKOFF_FIRST: Final = 1.0
 BACKOFF_MAX: Final = 60.0
-# How long a warm exec may take to answer the ping that proves it alive before its header; past
-# that the request goes cold (a new exec costs less than a header sent into a dead connection).
-LIVENESS_TIMEOUT: Final = 2.0
+# How long a warm exec may take to answer the ping that proves it alive before its header (at
+# most the ping timeout); past that the request goes cold (a new exec costs less than a header
+# sent into a dead connection). Generous: a busy loop must not make live warm execs look dead.
+LIVENESS_TIMEOUT: Final = 5.0
 
 WarmOpener = Callable[[Workspace, str], Awaitable[ExecStream]]
 
@@ -87,6 +88,7 @@ class WarmPool:
         self._size = settings.warm_execs
         self._idle = settings.warm_exec_idle
         self._max_age = settings.warm_exec_max_age
+        self._liveness_timeout = min(LIVENESS_TIMEOUT, settings.exec_ping_timeout)
         self._metrics = metrics
         self._opener = opener
         self._loop = asyncio.get_running_loop()
@@ -155,7 +157,7 @@ class WarmPool:
         if warm.watcher is not None:
             await cancel_and_wait(warm.watcher)
         stream = warm.stream
-        if not stream.ended and await stream.answers_ping(LIVENESS_TIMEOUT):
+        if not stream.ended and await stream.answers_ping(self._liveness_timeout):
             return None
         if stream.peer_silent:
             return "silent"
