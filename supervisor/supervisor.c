@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/signalfd.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
@@ -73,6 +74,8 @@ struct supervisor {
     int command_in;   /* the command's stdin pipe, -1 once closed */
     uint8_t *stdin_data;
     uint64_t stdin_read, stdin_written;
+    int spare_detached; /* the command exited on its own: detached processes may stay */
+    struct stat outputs[2]; /* our stdout and stderr as they were: the exec's pipes */
 };
 
 static void mark(const struct supervisor *s, int fd, const char *kind) {
@@ -160,18 +163,45 @@ static struct proc_entry *list_processes(size_t *count) {
     return entries;
 }
 
+/* Whether PID is detached on purpose, and so may outlive a command that exited on its own: in
+ * a session other than the command's, and holding neither of the exec's output pipes. */
+static int detached(const struct supervisor *s, pid_t pid) {
+    pid_t session = getsid(pid);
+    if (session < 0 || session == s->child)
+        return 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+    DIR *fds = opendir(path);
+    if (fds == NULL)
+        return 0;
+    int holds = 0;
+    struct dirent *item;
+    while (!holds && (item = readdir(fds)) != NULL) {
+        struct stat target;
+        char link[320];
+        snprintf(link, sizeof link, "%s/%s", path, item->d_name);
+        if (item->d_name[0] == '.' || stat(link, &target) != 0)
+            continue;
+        for (int i = 0; i < 2; i++)
+            holds |= target.st_dev == s->outputs[i].st_dev && target.st_ino == s->outputs[i].st_ino;
+    }
+    closedir(fds);
+    return !holds;
+}
+
 /* Sends SIGNAL to every descendant, whatever its session: the command's group first (the fast,
  * common case), then every process whose chain of parents leads to us, pass after pass (a
  * bitmap of pids marks those found) until a pass finds no new one. Without /proc only the
  * group is reached. */
-static void signal_descendants(const struct supervisor *s, int signal) {
+static int signal_descendants(const struct supervisor *s, int signal) {
     if (s->child_status < 0)
         kill(-s->child, signal);
+    int alive = 0;
     size_t count = 0;
     struct proc_entry *entries = list_processes(&count);
     if (entries == NULL) {
         kill(-s->child, signal);
-        return;
+        return kill(-s->child, 0) == 0;
     }
     pid_t self = getpid(), highest = self;
     for (size_t i = 0; i < count; i++)
@@ -181,7 +211,7 @@ static void signal_descendants(const struct supervisor *s, int signal) {
     if (below == NULL) {
         free(entries);
         kill(-s->child, signal);
-        return;
+        return kill(-s->child, 0) == 0;
     }
     below[self / 8] |= (uint8_t)(1u << (self % 8));
     for (int added = 1; added;) {
@@ -193,21 +223,26 @@ static void signal_descendants(const struct supervisor *s, int signal) {
             if (!marked && under) {
                 below[pid / 8] |= (uint8_t)(1u << (pid % 8));
                 added = 1;
-                if (entries[i].state != 'Z')
+                if (entries[i].state != 'Z' && !(s->spare_detached && detached(s, pid))) {
+                    alive++;
                     kill(pid, signal);
+                }
             }
         }
     }
     free(below);
     free(entries);
+    return alive;
 }
 
 /* Whether any descendant is left: as the subreaper, every descendant whose parent died is our
  * child, so there is one exactly when we have a child (zombies were reaped before). */
-static int anything_left(void) {
+static int anything_left(const struct supervisor *s) {
     siginfo_t info;
     memset(&info, 0, sizeof info);
-    return waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == 0;
+    if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) != 0)
+        return 0;
+    return !s->spare_detached || signal_descendants(s, 0) > 0;
 }
 
 /* ---- Ending. -------------------------------------------------------------------------------- */
@@ -237,7 +272,8 @@ static void report_exit(struct supervisor *s) {
         mark(s, 2, s->ended_by);
     snprintf(kind, sizeof kind, "exit:%d", code);
     mark(s, 2, kind);
-    int left = anything_left();
+    s->spare_detached = s->phase == RUNNING; /* it exited on its own */
+    int left = anything_left(s);
     mark(s, 2, left ? "left:1" : "left:0");
     mark(s, 1, "end:stdout");
     int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
@@ -451,7 +487,7 @@ static void on_timer(struct supervisor *s) {
 static int run(struct supervisor *s) {
     int64_t deadline = now_ms() + s->request.deadline_ms;
     arm_timer(s->timer, deadline);
-    while (s->child_status < 0 || anything_left()) {
+    while (s->child_status < 0 || anything_left(s)) {
         struct pollfd fds[4] = {
             {.fd = s->signals, .events = POLLIN},
             {.fd = s->timer, .events = POLLIN},
@@ -510,6 +546,8 @@ int main(int argc, char **argv) {
     sigset_t child_signal;
     sigemptyset(&child_signal);
     sigaddset(&child_signal, SIGCHLD);
+    fstat(1, &s.outputs[0]);
+    fstat(2, &s.outputs[1]);
     signal(SIGPIPE, SIG_IGN); /* a report the stream cannot take must not stop the rest */
     if (env == NULL || (s.request.stdin_length && s.stdin_data == NULL) ||
         sigprocmask(SIG_BLOCK, &child_signal, NULL) != 0 ||

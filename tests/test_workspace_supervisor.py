@@ -293,3 +293,21 @@ def test_large_argv_and_env(binary: Path) -> None:
     )
     assert result.stdout.strip() == str(8 * len(part) + 7 + 100_000).encode()
     assert time.monotonic() - started < 60  # a sanity bound; figures are in the benchmark
+
+
+def test_detached_process_outlives_a_normal_exit(binary: Path, marker: str, kill_marked: None) -> None:
+    """The README's policy: after the command exits on its own, a process in a session of its
+    own that holds none of the output is left running (and not reported as left); one that
+    still holds the output is ended."""
+    detached = marker.replace("300.", "301.", 1)
+    script = f"setsid sleep {detached} >/dev/null 2>&1 </dev/null & setsid sleep {marker} & echo started"
+    try:
+        process, nonce = start(binary, ["sh", "-c", script], grace=0.5)
+        result = finish(process, nonce)  # the supervisor has exited: nothing of ours is left
+        assert result.stdout == b"started\n"
+        assert "exit:0" in result.markers
+        assert processes_with(marker) == []
+        assert [p for p in processes_with(detached) if p.status() != "zombie"]
+    finally:
+        for leftover in processes_with(detached):
+            leftover.kill()
