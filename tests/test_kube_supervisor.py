@@ -26,6 +26,7 @@ from .conftest import (
     wait_for_processes,
 )
 
+
 def escaping(marker: str) -> list[str]:
     """A command whose grandchild double-forks into a session of its own, and then sleeps."""
     return ["sh", "-c", f"(setsid sleep {marker} >/dev/null 2>&1 </dev/null &); echo started; sleep {marker}"]
