@@ -1,14 +1,17 @@
-# session-proxy: the exec sidecar. Build: docker build -t session-proxy:0.1.0 .
+# session-proxy: the exec sidecar. Build and publish: see the README's "Releases".
 # Runs as a non-root numeric UID with a read-only root filesystem; the entry point needs no shell.
 
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
+# The dependencies come from the lock file, each pinned and checked against its hashes, so two
+# builds of one commit install the same packages; the project itself is installed without them.
+COPY requirements.lock ./
+RUN python -m venv /opt/session-proxy \
+ && /opt/session-proxy/bin/pip install --no-cache-dir --no-compile --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY session_proxy ./session_proxy
-# Dependencies come from the project's own metadata (pyproject.toml), installed into a venv
-# that is copied whole into the runtime stage.
-RUN python -m venv /opt/session-proxy \
- && /opt/session-proxy/bin/pip install --no-cache-dir --no-compile . \
+RUN /opt/session-proxy/bin/pip install --no-cache-dir --no-compile --no-deps . \
+ && /opt/session-proxy/bin/pip check \
  && /opt/session-proxy/bin/python -m compileall -q /opt/session-proxy/lib
 
 # The workspace supervisor: one static C program (musl), copied into each workspace pod by its

@@ -25,7 +25,9 @@ from pathlib import Path
 import psutil
 
 MiB = 1024 * 1024
-EAGER = "import mcp.server.lowlevel.server, mcp.server.streamable_http_manager, session_proxy.mcp.tools; "
+# What /mcp loads on first use (the SDK's server side), loaded before the proxy starts instead.
+EAGER = ("from session_proxy.mcp.sdk import import_server_side; "
+         "import_server_side('session_proxy.mcp.tools', 'mcp.server.streamable_http_manager'); ")  # fmt: skip
 INITIALIZE = {
     "jsonrpc": "2.0", "id": 1, "method": "initialize",
     "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "b", "version": "0"}},

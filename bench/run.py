@@ -552,6 +552,26 @@ async def warm_only(sizes: Sizes) -> str:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
+async def memory_section(work: Path, runs: int, *, quick: bool = False) -> str:
+    """Idle RSS per backend, after the first MCP call and after bursts of dropped execs."""
+    import memory
+
+    return memory.render(await memory.measure(work, runs, Spawned, quick=quick))
+
+
+async def memory_only(runs: int, out: Path | None) -> str:
+    work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
+    try:
+        section = await memory_section(work, runs)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    if out is not None:
+        import memory
+
+        memory.write_section(out, section)
+    return section
+
+
 async def main_async(sizes: Sizes, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     make_payloads(work, sizes.throughput_bytes)
@@ -594,6 +614,8 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             spawned.append(proxy_slow)
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
         report = render(results, sizes) + "\n" + await warm_section(work, sizes)
+        quick = sizes.latency_runs < 10
+        report += "\n" + await memory_section(work, 1 if quick else 5, quick=quick)
         if out is not None:
             out.write_text(report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))
@@ -613,12 +635,21 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="only the round-trip table")
     parser.add_argument("--warm-only", action="store_true", help="only the warm-exec section")
     parser.add_argument("--idle-seconds", type=float, help="how long the idle-pool cost is measured")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the memory section (--out: update it there)"
+    )
+    parser.add_argument(
+        "--memory-runs", type=int, default=5, help="runs of the memory section (--memory-only)"
+    )
     arguments = parser.parse_args()
     sizes = Sizes.quick() if arguments.quick else Sizes()
     if arguments.idle_seconds is not None:
         sizes.idle_seconds = arguments.idle_seconds
     if arguments.warm_only:
         print(asyncio.run(warm_only(sizes)))
+        return
+    if arguments.memory_only:
+        print(asyncio.run(memory_only(arguments.memory_runs, arguments.out)))
         return
     if arguments.latency_only:
         print(asyncio.run(latency_only(sizes)))

@@ -29,6 +29,8 @@ from .keys import AUTH_TOKEN, METRICS
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+# Where OAuth clients look for an authorization server and register (RFC 8414, 9728, 7591).
+OAUTH_PATHS: Final = ("/.well-known/oauth-", "/.well-known/openid-", "/register", "/authorize", "/token")
 SECURITY_HEADERS: Final = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
@@ -40,7 +42,13 @@ def error_response(error: ProxyError) -> web.Response:
     )
 
 
-def _from_http_exception(exception: web.HTTPException) -> ProxyError:
+def _from_http_exception(exception: web.HTTPException, path: str) -> ProxyError:
+    if exception.status == 404 and path.startswith(OAUTH_PATHS):
+        # An MCP client that met a 401 looks for OAuth here, and shows the user this message.
+        return NotFound(
+            "session-proxy has no OAuth: send 'Authorization: Bearer <token>' with the token from "
+            "the file in SESSION_PROXY_AUTH_TOKEN_FILE"
+        )
     if exception.status == 404:
         return NotFound("no such endpoint; see GET /openapi.json for the API")
     if exception.status == 405:
@@ -81,7 +89,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except web.HTTPException as exception:
-        error = _from_http_exception(exception)
+        error = _from_http_exception(exception, request.path)
     except ProxyError as proxy_error:
         error = proxy_error
     except Exception as exception:
@@ -161,15 +169,23 @@ def _check_host(request: web.Request, accepted: frozenset[str] | None) -> None:
 
 
 def _check_not_browser(request: web.Request) -> None:
+    """Refuse what only browsers send: ``Origin`` or ``Sec-Fetch-Site``.
+
+    Browsers send ``Origin`` on every cross-origin POST and the four fetch metadata headers
+    (``Sec-Fetch-Site``, ``-Mode``, ``-Dest``, ``-User``) together, on every request to a
+    loopback URL; so ``Sec-Fetch-Site`` alone marks every browser request that ``Sec-Fetch-*``
+    did. Node's ``fetch`` (undici) sends ``Sec-Fetch-Mode: cors`` and nothing else of the
+    kind, and must get in: it carries most JavaScript MCP clients.
+    """
     if "Origin" in request.headers:
         raise GuardRefused(
             "requests with an Origin header (from a web page) are refused; use curl, the "
             "session-proxy CLI or an HTTP client library",
             code="browser_request",
         )
-    if any(name.lower().startswith("sec-fetch-") for name in request.headers):
+    if "Sec-Fetch-Site" in request.headers:
         raise GuardRefused(
-            "requests with Sec-Fetch-* headers (from a browser) are refused",
+            "requests with a Sec-Fetch-Site header (from a browser) are refused",
             code="browser_request",
         )
 
@@ -184,6 +200,16 @@ async def local_only(request: web.Request, handler: Handler) -> web.StreamRespon
     _check_target(request, accepted)
     _check_not_browser(request)
     token = request.app.get(AUTH_TOKEN, "")
-    if token:
+    if token and not _no_such_path(request):
         check_bearer(request.headers.get("Authorization"), token)
     return await handler(request)
+
+
+def _no_such_path(request: web.Request) -> bool:
+    """A path nothing serves answers 404 with or without the token.
+
+    MCP clients that meet a 401 look for OAuth (``/.well-known/oauth-*``, ``/register``);
+    a 401 there too would send them into a sign-in flow this proxy does not have, instead of
+    telling the user the token is missing.
+    """
+    return isinstance(request.match_info.http_exception, web.HTTPNotFound)

@@ -177,7 +177,8 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[SETTINGS].max_timeout))
+    settings = request.app[SETTINGS]
+    return web.json_response(openapi_document(settings.max_timeout, settings.default_timeout))
 
 
 # Ops listener: reachable from the pod network, so nothing here runs commands or shows data.

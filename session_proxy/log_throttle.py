@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Final
 
 # Loggers whose volume a client can drive: the asyncio accept loop, aiohttp's connection
-# handling, the parse-error answers and the guards' refusals.
+# handling, the parse-error answers, the guards' refusals and those on /mcp (the SDK's own too).
 NETWORK_DRIVEN_LOGGERS: Final = (
     "asyncio",
     "aiohttp.server",
     "session_proxy.http_protocol",
     "session_proxy.guards",
+    "session_proxy.mcp.refusals",
+    "mcp.server.streamable_http_manager",
 )
 MAX_KINDS: Final = 1024
 

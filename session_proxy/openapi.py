@@ -25,7 +25,7 @@ ERRORS = {
     "400": "Body is not strict JSON: not JSON, a duplicate key, NaN/Infinity, nested too deeply "
     "(malformed_request); or the request is not valid HTTP/1.1 (malformed_http)",
     "401": "No or wrong bearer token, when --auth-token-file is set (unauthorized)",
-    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-*, or a request "
+    "403": "Refused by a guard: Host not loopback, browser Origin or Sec-Fetch-Site, or a request "
     "target naming another host (bad_host, browser_request, bad_target)",
     "408": "The body did not arrive within --body-timeout (body_timeout); the connection is closed",
     "413": "Body larger than the configured maximum (body_too_large)",
@@ -63,7 +63,9 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}], "default": None}
 
 
-def _exec_request_schema(schema: dict[str, Any], max_timeout: float | None) -> None:
+def _exec_request_schema(
+    schema: dict[str, Any], max_timeout: float | None, default_timeout: float | None
+) -> None:
     """Add to the request body's schema every rule the server checks that JSON Schema can say."""
     properties = schema["properties"]
     argument = {"type": "string", "pattern": NO_NUL}
@@ -86,13 +88,18 @@ def _exec_request_schema(schema: dict[str, Any], max_timeout: float | None) -> N
     if max_timeout is not None:
         timeout["maximum"] = max_timeout
     properties["timeout"].update(_nullable(timeout))
+    if default_timeout is not None:
+        properties["timeout"]["default"] = default_timeout  # what an absent or null timeout means
     both_stdins = {"stdin": {"type": "string"}, "stdin_b64": {"type": "string"}}
     schema["not"] = {"required": ["stdin", "stdin_b64"], "properties": both_stdins}
 
 
 @functools.cache
-def openapi_document(max_timeout: float | None = None) -> dict[str, Any]:
-    """The document; ``max_timeout`` (the server's setting) bounds ``timeout`` in the schema."""
+def openapi_document(
+    max_timeout: float | None = None, default_timeout: float | None = None
+) -> dict[str, Any]:
+    """The document; the server's ``max_timeout`` bounds ``timeout`` in the schema, its
+    ``default_timeout`` is the default there (``session-proxy mcp`` reads both from it)."""
     models: list[type[BaseModel]] = [
         ExecRequest,
         StartEvent,
@@ -105,7 +112,7 @@ def openapi_document(max_timeout: float | None = None) -> dict[str, Any]:
     ]
     _, schema = models_json_schema([(m, "serialization") for m in models], ref_template=REF)
     schemas = schema["$defs"]
-    _exec_request_schema(schemas["ExecRequest"], max_timeout)
+    _exec_request_schema(schemas["ExecRequest"], max_timeout, default_timeout)
     event_union = {"oneOf": [_ref(m) for m in (StartEvent, WaitingEvent, OutputEvent, ExitEvent)]}
     schemas["ExecEvent"] = {**event_union, "discriminator": {"propertyName": "type"}}
     guarded = _error_responses("401", "403")

@@ -9,6 +9,7 @@ has fixed defaults, so ``Settings(...)`` in a test never depends on the process'
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ ENV_PREFIX = "SESSION_PROXY_"
 DEFAULT_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 (a path)
 DEFAULT_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 LOOPBACK_NAMES = frozenset({"localhost"})
+# A DNS subdomain name (RFC 1123), what Kubernetes accepts as a pod's name.
+POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ INHERITED_VARIABLES: Mapping[str, str] = {
     "session_name": "SESSION_NAME",
 }
 IN_CLUSTER_VARIABLE = "KUBERNETES_SERVICE_HOST"  # set by the kubelet in every pod
+# In a pod the kubelet's probes and Prometheus reach the ops port on the pod's IP.
+IN_CLUSTER_OPS_LISTEN = "0.0.0.0:9464"
 
 
 class Settings(BaseModel):
@@ -85,7 +90,10 @@ class Settings(BaseModel):
 
     # Listeners
     listen: str = Field("127.0.0.1:8081", description="exec API address HOST:PORT or unix:/path")
-    ops_listen: str = Field("0.0.0.0:9464", description="ops address (metrics, probes); empty disables")
+    ops_listen: str = Field(
+        "127.0.0.1:9464",
+        description="ops address (metrics, probes); empty disables; every interface in a pod",
+    )
     unsafe_listen_any_address: bool = Field(
         False, description="allow a non-loopback exec API address (exposes command execution)"
     )
@@ -111,6 +119,11 @@ class Settings(BaseModel):
     workspace_selector: str | None = Field(
         None,
         description="label selector of the workspace pod; default session=$SESSION_NAME,type=workspace",
+    )
+    workspace_pod: str | None = Field(
+        None,
+        description="name of the workspace pod: lists and watches name it (metadata.name field "
+        "selector), as a Role pinned to it by resourceNames requires",
     )
     workspace_container: str = Field("workspace", min_length=1, description="container to exec into")
     workspace_supervisor: str = Field(
@@ -165,6 +178,12 @@ class Settings(BaseModel):
     mcp_max_output_chars: int = Field(
         30_000, ge=1000, description="MCP exec results longer than this are cut in the middle"
     )
+    mcp_max_sessions: int = Field(
+        16, ge=1, le=1000, description="MCP sessions open at once; one more gets 503 until one ends"
+    )
+    mcp_session_idle: float = Field(
+        600, ge=1, le=86_400, description="seconds after which an MCP session without requests ends"
+    )
 
     # Logs
     log_format: Literal["json", "text"] = Field("json", description="log line format")
@@ -189,6 +208,8 @@ class Settings(BaseModel):
                 values[name] = environ[INHERITED_VARIABLES[name]]
         if "backend" not in values and environ.get(IN_CLUSTER_VARIABLE):
             values["backend"] = "kubernetes"
+        if "ops_listen" not in values and environ.get(IN_CLUSTER_VARIABLE):
+            values["ops_listen"] = IN_CLUSTER_OPS_LISTEN
         return cls.model_validate(values)
 
     @field_validator("unix_socket_mode", mode="before")
@@ -209,6 +230,15 @@ class Settings(BaseModel):
             return None
         if not value.startswith("/"):
             raise ValueError("must be an absolute path, e.g. /workspace")
+        return value
+
+    @field_validator("workspace_pod")
+    @classmethod
+    def _workspace_pod_is_a_name(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not POD_NAME.fullmatch(value):
+            raise ValueError(f"not a pod name (lowercase letters, digits, '-' and '.'): {value!r}")
         return value
 
     @field_validator("listen")
@@ -240,10 +270,10 @@ class Settings(BaseModel):
                 "bind 127.0.0.1, [::1], localhost or unix:/path, or pass "
                 "--unsafe-listen-any-address if you really mean it"
             )
-        if self.backend == "kubernetes" and not self.effective_workspace_selector:
+        if self.backend == "kubernetes" and not (self.effective_workspace_selector or self.workspace_pod):
             raise ValueError(
-                "workspace_selector: the kubernetes backend needs --workspace-selector, or "
-                "SESSION_NAME to derive session=<name>,type=workspace"
+                "workspace_selector: the kubernetes backend needs --workspace-selector, "
+                "--workspace-pod, or SESSION_NAME to derive session=<name>,type=workspace"
             )
         if bool(self.owner_kind) != bool(self.owner_name):
             raise ValueError("owner_kind and owner_name: give both (or neither) to require an owner")

@@ -1,60 +1,49 @@
 """Lossless splitting of a byte stream into UTF-8 text and base64 pieces.
 
-Pipes cut output anywhere, including inside a multi-byte character. The incomplete tail of a
-chunk is held back until the next chunk completes it; bytes that can never be valid UTF-8 are
-sent as base64, so every byte reaches the client exactly once and in order.
+Pipes cut output anywhere, including inside a multi-byte character. The stdlib's incremental
+decoder holds the incomplete tail of a chunk back until the next chunk completes it; with
+``surrogateescape`` each byte that can never be valid UTF-8 comes out as one lone surrogate
+(valid UTF-8 never decodes to one), so exactly those bytes are sent as base64 and the text
+around them stays text. Every byte reaches the client exactly once and in order.
 """
 
 from __future__ import annotations
 
 import base64
 import codecs
+import re
 from typing import Final, Literal
 
 PieceKind = Literal["data", "data_b64"]
 Piece = tuple[PieceKind, str]
-MAX_SEQUENCE: Final = 4
+ESCAPED_BYTES: Final = re.compile("([\udc80-\udcff]+)")
 
 
-def _is_incomplete_prefix(tail: bytes) -> bool:
-    """True if ``tail`` could still become a valid character with more bytes."""
-    if not tail or len(tail) >= MAX_SEQUENCE:
-        return False
-    try:
-        return codecs.getincrementaldecoder("utf-8")().decode(tail, final=False) == ""
-    except UnicodeDecodeError:
-        return False
+def _pieces(text: str) -> list[Piece]:
+    """Text runs as ``data``, runs of escaped bytes as ``data_b64``, in order."""
+    if text.isascii() or not ESCAPED_BYTES.search(text):
+        return [("data", text)] if text else []
+    pieces: list[Piece] = []
+    for index, part in enumerate(ESCAPED_BYTES.split(text)):
+        if not part:
+            continue
+        if index % 2:  # the captured separators: escaped bytes
+            raw = part.encode("utf-8", "surrogateescape")
+            pieces.append(("data_b64", base64.b64encode(raw).decode("ascii")))
+        else:
+            pieces.append(("data", part))
+    return pieces
 
 
 class Utf8Splitter:
-    """Per-stream state: at most three held-back bytes."""
+    """Per-stream state: the decoder holds back at most three bytes of an incomplete character."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
 
     def feed(self, chunk: bytes) -> list[Piece]:
-        data = self._pending + chunk if self._pending else chunk
-        self._pending = b""
-        try:
-            return [("data", data.decode("utf-8"))] if data else []
-        except UnicodeDecodeError as error:
-            return self._split(data, error)
-
-    def _split(self, data: bytes, error: UnicodeDecodeError) -> list[Piece]:
-        pieces: list[Piece] = []
-        if error.start:
-            pieces.append(("data", data[: error.start].decode("utf-8")))
-        rest = data[error.start :]
-        for cut in range(max(0, len(rest) - MAX_SEQUENCE + 1), len(rest)):
-            if _is_incomplete_prefix(rest[cut:]):
-                self._pending = rest[cut:]
-                rest = rest[:cut]
-                break
-        if rest:
-            pieces.append(("data_b64", base64.b64encode(rest).decode("ascii")))
-        return pieces
+        return _pieces(self._decoder.decode(chunk, final=False))
 
     def flush(self) -> list[Piece]:
-        """At end of stream, an incomplete character is invalid: send its bytes as base64."""
-        pending, self._pending = self._pending, b""
-        return [("data_b64", base64.b64encode(pending).decode("ascii"))] if pending else []
+        """At end of stream, an incomplete character is invalid: its bytes go as base64."""
+        return _pieces(self._decoder.decode(b"", final=True))

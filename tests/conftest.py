@@ -87,7 +87,8 @@ async def exec_events(
         text = await response.text()
         assert response.status == 200, text
         assert response.headers["Content-Type"] == "application/x-ndjson"
-    return [json.loads(line) for line in text.splitlines()]
+    # NDJSON lines end at "\n" only: str.splitlines would also cut inside text at U+0085, U+2028...
+    return [json.loads(line) for line in text.split("\n") if line]
 
 
 def output_of(events: list[dict[str, Any]], stream: str) -> bytes:
@@ -362,13 +363,25 @@ def check_path(setup: KubeSetup, events: list[dict[str, Any]]) -> None:
     assert len(mine) == (0 if setup.path == "warm" else 1), [r.headers.get("User-Agent") for r in mine]
 
 
+def kube_credentials(kube: Any, tmp_path: Path) -> dict[str, Any]:
+    """How a proxy reaches ``kube``: a kubeconfig; or, with SESSION_PROXY_TEST_IN_CLUSTER=1 (and
+    TLS), what a pod has: the service variables and the token and CA files. The suite runs in
+    either mode."""
+    if os.environ.get("SESSION_PROXY_TEST_IN_CLUSTER") != "1" or not kube.tls:
+        return {"kubeconfig": str(kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN))}
+    host, port = kube.url.removeprefix("https://").rsplit(":", 1)
+    os.environ.update(KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=port)  # read at start-up
+    token_file = tmp_path / "sa-token"
+    token_file.write_text(TOKEN + "\n")
+    return {"token_file": str(token_file), "ca_file": str(kube.write_ca(tmp_path / "sa-ca.crt"))}
+
+
 async def kube_proxy(kube: Any, make_proxy: ProxyFactory, tmp_path: Path, **overrides: Any) -> RunningProxy:
-    """A proxy on the kubernetes backend, pointed at ``kube`` through a kubeconfig."""
-    config = kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+    """A proxy on the kubernetes backend, pointed at ``kube`` (see ``kube_credentials``)."""
     # No warm pool unless asked for (path_settings): fault-injection tests match the execs they
     # break in order, and the pool's own background opens would take those faults.
     values: dict[str, Any] = {
-        "backend": "kubernetes", "kubeconfig": str(config), "namespace": "default",
+        "backend": "kubernetes", **kube_credentials(kube, tmp_path), "namespace": "default",
         "session_name": "s1", "workspace_wait": 1, "kill_grace": 1, "warm_execs": 0,
     }  # fmt: skip
     values.update(overrides)

@@ -1,17 +1,23 @@
 """A proxy for fuzzing: its own process, run as an unprivileged user, its local backend rooted in
-a fresh temporary directory, so that random argv can do no harm (``.ci/run`` creates the user).
+a fresh temporary directory, so that random argv can do no harm (the users are made as needed).
+
+The user cannot be assumed to read the checkout or the virtualenv: either may sit under a
+private directory (a home directory, ``mktemp -d``). So the proxy runs from a runtime copy made
+for it: the project's package and the distributions it imports, hard-linked (or copied) into a
+fresh world-readable, root-owned directory that the fuzzed commands can read but not change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib.metadata
 import json
 import os
 import pwd
 import re
 import shutil
 import signal
-import site
 import subprocess
 import sys
 import tempfile
@@ -23,8 +29,10 @@ from typing import Any
 
 import psutil
 import pytest
+from packaging.requirements import Requirement
 
 FUZZ_USER = "sp-fuzz"
+MAX_FUZZ_USERS = 8
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb'"exec_url": "http://127.0.0.1:(\d+)"')
 # Settings that keep whatever random argv runs short and small.
@@ -62,26 +70,99 @@ class UnprivilegedProxy:
         return problems
 
 
-def _fuzz_user() -> pwd.struct_passwd:
-    """The unprivileged user, or a skip/failure that says exactly what is missing."""
-    try:
-        user = pwd.getpwnam(FUZZ_USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            pytest.skip(
-                f"FUZZING NOT RUN: user {FUZZ_USER!r} is missing and this is not root "
-                f"(.ci/run creates it: useradd --system {FUZZ_USER})"
-            )
-        pytest.fail(
-            f"user {FUZZ_USER!r} is missing: create it (useradd --system {FUZZ_USER}) as .ci/run does"
-        )
+@contextlib.contextmanager
+def _fuzz_user() -> Iterator[pwd.struct_passwd]:
+    """A fuzz user no other running fuzzed proxy has (xdist workers run them at once).
+
+    Every process of that user is then this proxy's: the leftover check is exact, and random
+    argv (``kill -9 -1``) reaches no other proxy. ``sp-fuzz`` first, then ``sp-fuzz-1``, ...,
+    each held through a lock file for the proxy's lifetime and created when missing.
+    """
     if os.geteuid() != 0:
-        pytest.skip(f"FUZZING NOT RUN: switching to {FUZZ_USER!r} needs root (CI runs as root)")
-    return user
+        pytest.skip(f"FUZZING NOT RUN: running as {FUZZ_USER!r} needs root (CI runs as root)")
+    for index in range(MAX_FUZZ_USERS):
+        name = FUZZ_USER if index == 0 else f"{FUZZ_USER}-{index}"
+        with (Path(tempfile.gettempdir()) / f"{name}.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            yield _existing_user(name)
+            return
+    pytest.fail(f"all {MAX_FUZZ_USERS} fuzz users are busy")
 
 
-def _interpreter_for(user: pwd.struct_passwd, pythonpath: str) -> str:
-    """A Python of this version that the user can run with this project importable.
+def _existing_user(name: str) -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    with (Path(tempfile.gettempdir()) / "sp-fuzz-useradd.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # useradd refuses while another holds /etc/passwd
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return pwd.getpwnam(name)
+
+
+def _runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """The installed distributions the proxy needs at run time: its requirements, recursively."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    visited: set[tuple[str, frozenset[str]]] = set()
+    pending: list[tuple[str, frozenset[str]]] = [("session-proxy", frozenset())]
+    while pending:
+        name, extras = pending.pop()
+        distribution = importlib.metadata.distribution(name)
+        key = distribution.metadata["Name"].lower().replace("_", "-")
+        if (key, extras) in visited:
+            continue
+        visited.add((key, extras))
+        found[key] = distribution
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            wanted = requirement.marker is None or any(
+                requirement.marker.evaluate({"extra": extra}) for extra in ("", *extras)
+            )
+            if wanted:
+                pending.append((requirement.name, frozenset(requirement.extras)))
+    del found["session-proxy"]  # the package itself is taken from the checkout, not its install
+    return list(found.values())
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at ``target`` when others may read it, else copy it readable."""
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if source.stat().st_mode & 0o004:
+        with contextlib.suppress(OSError):  # another file system: copy instead
+            os.link(source, target)
+            return
+    shutil.copyfile(source, target)
+    os.chmod(target, 0o755 if source.stat().st_mode & 0o100 else 0o644)
+
+
+def build_runtime() -> Path:
+    """A root-owned, world-readable directory holding everything ``python -m session_proxy`` imports."""
+    runtime = Path(tempfile.mkdtemp(prefix="sp-fuzz-runtime-"))
+    runtime.chmod(0o755)
+    for distribution in _runtime_distributions():
+        for file in distribution.files or []:
+            if file.parts[0] == "..":  # console scripts beside the interpreter, not importable
+                continue
+            source = Path(str(distribution.locate_file(file)))
+            if source.is_file():
+                _place(source, runtime / file)
+    package = REPO / "session_proxy"
+    for source in package.rglob("*"):
+        if source.is_file():
+            _place(source, runtime / source.relative_to(REPO))
+    for directory in [runtime, *(path for path in runtime.rglob("*") if path.is_dir())]:
+        directory.chmod(0o755)
+    return runtime
+
+
+def _interpreter_for(user: pwd.struct_passwd, runtime: Path) -> str:
+    """A Python of this version that the user can run with the runtime importable.
 
     A virtualenv's interpreter often lives under a private home; the system's Python of the
     same minor version loads the same compiled extensions.
@@ -92,11 +173,12 @@ def _interpreter_for(user: pwd.struct_passwd, pythonpath: str) -> str:
                   f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]  # fmt: skip
     tried = []
     for candidate in dict.fromkeys(c for c in candidates if c):
+        env = {"PYTHONPATH": str(runtime)}
         try:
             probe = subprocess.run(
                 [candidate, "-c", check],
-                user=user.pw_uid, group=user.pw_gid, extra_groups=[], env={"PYTHONPATH": pythonpath},
-                cwd="/", capture_output=True, timeout=60, check=False,
+                user=user.pw_uid, group=user.pw_gid, extra_groups=[], env=env, cwd="/",
+                capture_output=True, timeout=60, check=False,
             )  # fmt: skip
         except OSError as error:  # not executable for this user
             tried.append(f"{candidate}: {error}")
@@ -104,22 +186,41 @@ def _interpreter_for(user: pwd.struct_passwd, pythonpath: str) -> str:
         if probe.returncode == 0:
             return candidate
         tried.append(f"{candidate}: {probe.stderr.decode(errors='replace').strip()[-200:]}")
-    pytest.fail(f"no Python {version} that {FUZZ_USER} can run with the project importable: {tried}")
+    message = (
+        f"no Python {version} that {user.pw_name} can run (install the system's python{version}): {tried}"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(f"FUZZING NOT RUN: {message}")
 
 
 @contextlib.contextmanager
 def unprivileged_proxy(log_dir: Path, *flags: str) -> Iterator[UnprivilegedProxy]:
     """Start ``session-proxy serve`` as the fuzz user; at the end stop it and check what is left."""
-    user = _fuzz_user()
-    pythonpath = os.pathsep.join([str(REPO), *site.getsitepackages()])
-    interpreter = _interpreter_for(user, pythonpath)
+    with _fuzz_user() as user, _runtime() as runtime:
+        yield from _run_unprivileged(user, runtime, log_dir, flags)
+
+
+@contextlib.contextmanager
+def _runtime() -> Iterator[Path]:
+    runtime = build_runtime()
+    try:
+        yield runtime
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _run_unprivileged(
+    user: pwd.struct_passwd, runtime: Path, log_dir: Path, flags: tuple[str, ...]
+) -> Iterator[UnprivilegedProxy]:
+    interpreter = _interpreter_for(user, runtime)
     root = Path(tempfile.mkdtemp(prefix="sp-fuzz-root-"))
     os.chown(root, user.pw_uid, user.pw_gid)
     log_path = log_dir / "fuzzed-proxy.log"
     command = [interpreter, "-m", "session_proxy", "serve", "--listen", "127.0.0.1:0", "--ops-listen", "",
                "--backend", "local", "--local-root", str(root), *FUZZ_FLAGS, *flags]  # fmt: skip
     env = {
-        "PYTHONPATH": pythonpath,
+        "PYTHONPATH": str(runtime),
         "HOME": str(root),
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -146,7 +247,7 @@ def unprivileged_proxy(log_dir: Path, *flags: str) -> Iterator[UnprivilegedProxy
         for leftover in left:
             leftover.kill()
         shutil.rmtree(root, ignore_errors=True)
-    assert not left, f"processes of {FUZZ_USER} left running: {[p.info['cmdline'] for p in left]}"
+    assert not left, f"processes of {user.pw_name} left running: {[p.info['cmdline'] for p in left]}"
 
 
 def _processes_of(uid: int) -> list[psutil.Process]:

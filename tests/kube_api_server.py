@@ -1,12 +1,17 @@
 """A Kubernetes API test server that speaks the real wire protocol and runs real processes.
 
 What it serves, as a real API server does (see the protocol notes this project keeps):
-- discovery enough for kubectl (/version, /api, /apis, /api/v1), pods list (label selectors),
-  get, log, and exec over WebSocket (GET) with the channel framing, the first empty frame,
-  status JSON on channel 3 and v5's CLOSE; Status errors (401, 403, 404, 400, 500);
+- discovery enough for kubectl (/version, /api, /apis, /api/v1), pods list (label selectors
+  and metadata.name or metadata.namespace field selectors), get, log, and exec over WebSocket
+  (GET) with the channel framing, the first empty frame, status JSON on channel 3 and v5's
+  CLOSE; Status errors (401, 403, 404, 400, 500);
 - two modes: ``modern`` (v5 and v4: v5 is handled by the API server's translator, so container
   errors come after the upgrade, on channel 3) and ``old`` (v4 only: container errors are a
   plain-text HTTP 500 before the upgrade);
+- RBAC for a user bound to Roles (``bind_role``): a request is allowed only by a rule naming
+  its verb and resource and, when the rule has ``resourceNames``, the object's name; a list or
+  a watch has a name only through a ``metadata.name=<name>`` field selector, as the API
+  server's request-info resolver derives it. Users bound to nothing may do anything;
 - like a container runtime, it does not kill an exec'd process when the client goes away: it
   closes the process's stdin and output pipes and lets it run;
 - the stream ends when the process has exited *and* its output pipes are closed, so a
@@ -179,6 +184,43 @@ def matches_selector(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+# The pod fields the API server lets a field selector name (besides spec and status fields
+# this server does not serve).
+POD_FIELDS = ("metadata.name", "metadata.namespace")
+
+
+def pod_fields(metadata: dict[str, Any]) -> dict[str, str]:
+    return {"metadata.name": metadata["name"], "metadata.namespace": metadata["namespace"]}
+
+
+def unsupported_field(selector: str) -> str | None:
+    """The first field a selector names that pods do not support, if any."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        field = term.replace("!=", "=").split("=", 1)[0].strip()
+        if field not in POD_FIELDS:
+            return field
+    return None
+
+
+def exact_name(selector: str) -> str | None:
+    """The name a field selector requires (``metadata.name=x`` or ``==x``), as RBAC reads it."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" not in term and term.replace("==", "=").partition("=")[0].strip() == "metadata.name":
+            return term.replace("==", "=").partition("=")[2].strip()
+    return None
+
+
+def rule_allows(rule: dict[str, Any], verb: str, resource: str, name: str | None) -> bool:
+    """Whether one Role rule grants the request (core group only: this server serves no other)."""
+    names = rule.get("resourceNames") or []
+    return (
+        bool({"", "*"} & set(rule.get("apiGroups") or []))
+        and bool({verb, "*"} & set(rule.get("verbs") or []))
+        and bool({resource, "*"} & set(rule.get("resources") or []))
+        and (not names or name in names)
+    )
+
+
 class PodHistory:
     """Resource versions and watch events for pods that tests change by plain attribute writes.
 
@@ -234,6 +276,7 @@ class KubeApiServer:
         self.deleted: list[FakePod] = []
         self.tokens: dict[str, str] = {}
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) denied to everyone
+        self.role_rules: dict[str, list[dict[str, Any]]] = {}  # user -> rules of the Roles bound
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
         self.history = PodHistory()
@@ -284,6 +327,17 @@ class KubeApiServer:
 
     def add_token(self, token: str, user: str = "system:serviceaccount:default:session-proxy") -> None:
         self.tokens[token] = user
+
+    def bind_role(self, user: str, role: dict[str, Any]) -> None:
+        """Bind a Role manifest to ``user``: from now on it may do only what its Roles grant."""
+        assert role["kind"] == "Role", role["kind"]
+        self.role_rules.setdefault(user, []).extend(role.get("rules") or [])
+
+    def allowed(self, user: str, verb: str, resource: str, name: str | None) -> bool:
+        if (verb, resource) in self.forbidden:
+            return False
+        rules = self.role_rules.get(user)
+        return rules is None or any(rule_allows(rule, verb, resource, name) for rule in rules)
 
     def exec_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/exec")]
@@ -409,7 +463,9 @@ class KubeApiServer:
     def _deny(
         self, request: web.Request, verb: str, resource: str, name: str | None = None
     ) -> web.Response | None:
-        if (verb, resource) not in self.forbidden:
+        if name is None and verb in ("list", "watch"):
+            name = exact_name(request.query.get("fieldSelector", ""))
+        if self.allowed(request[USER], verb, resource, name):
             return None
         ns = request.match_info.get("ns", "default")
         group, _, _sub = resource.partition("/")
@@ -456,6 +512,8 @@ class KubeApiServer:
             return await self._watch_pods(request)
         if denied := self._deny(request, "list", "pods"):
             return denied
+        if field := unsupported_field(request.query.get("fieldSelector", "")):
+            return status_response(400, "BadRequest", f'field label not supported: "{field}"')
         self.history.observe(self.pods)
         items = [manifest for _, _, manifest in self._matching(request, self.history.seen.values())]
         return web.json_response({
@@ -468,6 +526,7 @@ class KubeApiServer:
     ) -> list[tuple[int, str, dict[str, Any]]]:
         """(revision, type, object) for the manifests in the request's namespace and selector."""
         ns, selector = request.match_info["ns"], request.query.get("labelSelector", "")
+        fields = request.query.get("fieldSelector", "")
         found = []
         for manifest in sorted(manifests, key=lambda m: str(m["metadata"]["name"])):
             metadata = manifest["metadata"]
@@ -475,6 +534,7 @@ class KubeApiServer:
             if (
                 metadata["namespace"] == ns
                 and matches_selector(metadata["labels"], selector)
+                and matches_selector(pod_fields(metadata), fields)
                 and revision > after
             ):
                 found.append((revision, kind, manifest))
@@ -485,6 +545,8 @@ class KubeApiServer:
         the current pods as ADDED first), until ``timeoutSeconds``, as the API server does."""
         if denied := self._deny(request, "watch", "pods"):
             return denied
+        if field := unsupported_field(request.query.get("fieldSelector", "")):
+            return status_response(400, "BadRequest", f'field label not supported: "{field}"')
         self.history.observe(self.pods)
         since = request.query.get("resourceVersion", "")
         pending: list[tuple[int, str, dict[str, Any]]] = []

@@ -19,6 +19,9 @@ ALLOWED_RULES = {
     ("", "pods/exec"): {"get", "create"},
     ("", "pods/log"): {"get"},
 }
+FILES_PATH = "/workspace"
+# The networks the namespace layer keeps workspaces out of, besides the metadata address.
+CLOSED_NETWORKS = ("pods", "services", "nodes", "api-server")
 
 
 def pods(objects: Objects) -> Iterator[dict[str, Any]]:
@@ -94,6 +97,111 @@ def role_is_least_privilege(objects: Objects) -> list[str]:
                     granted.setdefault((group, resource), set()).update(rule.get("verbs") or [])
         if granted != ALLOWED_RULES:
             problems.append(f"Role {role['metadata']['name']} grants {granted}, expected {ALLOWED_RULES}")
+    return problems
+
+
+def _session_of(obj: dict[str, Any]) -> str | None:
+    return (obj["metadata"].get("labels") or {}).get("session")
+
+
+def _workspace_of(objects: Objects, session: str | None) -> dict[str, Any] | None:
+    return next((p for p in pods(objects) if is_workspace(p) and _session_of(p) == session), None)
+
+
+def one_identity_per_session(objects: Objects) -> list[str]:
+    """Each runner has a service account of its own, bound only to a Role whose every rule names
+    its session's workspace pod (resourceNames), and the sidecar lists it by that name."""
+    problems = []
+    runners = [p for p in pods(objects) if sidecar_of(p) is not None]
+    for pod in runners:
+        name, account = pod["metadata"]["name"], pod["spec"].get("serviceAccountName", "default")
+        workspace = _workspace_of(objects, _session_of(pod))
+        if workspace is None:
+            problems.append(f"pod {name}: no workspace pod of session {_session_of(pod)!r}")
+            continue
+        target = workspace["metadata"]["name"]
+        sharing = [p["metadata"]["name"] for p in pods(objects) if p is not pod
+                   and p["spec"].get("serviceAccountName", "default") == account]  # fmt: skip
+        if sharing:
+            problems.append(f"pod {name}: service account {account} is shared with {sharing}")
+        subject = {"kind": "ServiceAccount", "name": account}
+        bindings = [
+            b for b in objects
+            if b.get("kind") == "RoleBinding" and subject in (b.get("subjects") or [])
+        ]  # fmt: skip
+        if not bindings:
+            problems.append(f"pod {name}: no RoleBinding for service account {account}")
+        for binding in bindings:
+            role = next((r for r in objects if r.get("kind") == binding["roleRef"]["kind"]
+                         and r["metadata"]["name"] == binding["roleRef"]["name"]), None)  # fmt: skip
+            if role is None:
+                problems.append(f"RoleBinding {binding['metadata']['name']}: its Role does not exist")
+                continue
+            for rule in role.get("rules") or []:
+                if rule.get("resourceNames") != [target]:
+                    problems.append(
+                        f"Role {role['metadata']['name']}: rule on {rule.get('resources')} is not "
+                        f"pinned to {target} (resourceNames {rule.get('resourceNames')})"
+                    )
+        named = (_env(sidecar_of(pod) or {}).get("SESSION_PROXY_WORKSPACE_POD") or {}).get("value")
+        if named != target:
+            problems.append(f"pod {name}: SESSION_PROXY_WORKSPACE_POD is {named!r}, not {target!r}")
+    return problems
+
+
+def _mount_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume mounted at ``path`` in the container, if it is mounted writable."""
+    mount = next((m for m in container.get("volumeMounts") or [] if m["mountPath"] == path), None)
+    if mount is None or mount.get("readOnly"):
+        return None
+    return next((v for v in pod["spec"].get("volumes") or [] if v["name"] == mount["name"]), None)
+
+
+def _run_as(pod: dict[str, Any], container: dict[str, Any]) -> Any:
+    return _effective(pod, container, "runAsUser")
+
+
+def files_are_shared(objects: Objects) -> list[str]:
+    """The agent and the workspace mount the session's one volume at /workspace, writable, as
+    the same UID, each with a writable HOME; a ReadWriteOnce volume puts the workspace on the
+    runner's node; the MCP default workdir is that mount."""
+    problems = []
+    claims = {o["metadata"]["name"]: o for o in objects if o.get("kind") == "PersistentVolumeClaim"}
+    for runner in (p for p in pods(objects) if sidecar_of(p) is not None):
+        workspace = _workspace_of(objects, _session_of(runner))
+        if workspace is None:
+            problems.append(f"pod {runner['metadata']['name']}: no workspace pod of its session")
+            continue
+        agent = next(c for c in runner["spec"]["containers"] if "SESSION_PROXY_URL" in _env(c))
+        box = next((c for c in workspace["spec"]["containers"] if c["name"] == "workspace"), None)
+        if box is None:
+            continue  # workspace_is_isolated reports it
+        found = {}
+        for pod, container in ((runner, agent), (workspace, box)):
+            where = f"pod {pod['metadata']['name']} container {container['name']}"
+            volume = _mount_at(pod, container, FILES_PATH)
+            claim = ((volume or {}).get("persistentVolumeClaim") or {}).get("claimName")
+            if claim not in claims:
+                problems.append(f"{where}: no writable session volume at {FILES_PATH}")
+            found[pod["metadata"]["name"]] = claim
+            home = (_env(container).get("HOME") or {}).get("value", "")
+            if _mount_at(pod, container, home) is None:
+                problems.append(f"{where}: HOME {home!r} is not a writable mount")
+        if len(set(found.values())) != 1:
+            problems.append(f"the agent and the workspace mount different volumes: {found}")
+        if _run_as(runner, agent) != _run_as(workspace, box):
+            problems.append("the agent and the workspace run as different UIDs (one's files not the other's)")
+        claim = claims.get(next(iter(found.values())) or "")
+        if claim and "ReadWriteMany" not in claim["spec"].get("accessModes", []):
+            terms = ((workspace["spec"].get("affinity") or {}).get("podAffinity") or {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution") or []  # fmt: skip
+            if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+                       and _matches(t.get("labelSelector") or {}, runner["metadata"].get("labels") or {})
+                       for t in terms):  # fmt: skip
+                problems.append("a ReadWriteOnce volume, but the workspace is not put on the runner's node")
+        workdir = (_env(sidecar_of(runner) or {}).get("SESSION_PROXY_MCP_WORKDIR") or {}).get("value")
+        if workdir != FILES_PATH:
+            problems.append(f"SESSION_PROXY_MCP_WORKDIR is {workdir!r}, not the session volume {FILES_PATH}")
     return problems
 
 
@@ -235,9 +343,19 @@ def workspace_is_isolated(objects: Objects) -> list[str]:
         for rule in spec.get("egress") or []:
             for peer in rule.get("to") or [{}]:
                 block = peer.get("ipBlock")
-                if block is None or "169.254.169.254/32" not in (block.get("except") or []):
+                ports = rule.get("ports") or []
+                if (
+                    block is None
+                    and peer.get("podSelector")
+                    and ports
+                    and {p.get("port") for p in ports} == {53}
+                ):
+                    continue  # the cluster DNS, port 53 only
+                closed = (block or {}).get("except") or []
+                if "169.254.169.254/32" not in closed or len(closed) < 1 + len(CLOSED_NETWORKS):
                     problems.append(
-                        f"NetworkPolicy {policy['metadata']['name']}: egress reaches the metadata address"
+                        f"NetworkPolicy {policy['metadata']['name']}: egress reaches the metadata address "
+                        f"or a cluster network ({block})"
                     )
     return problems
 
@@ -305,5 +423,7 @@ RULES: dict[str, Callable[[Objects], list[str]]] = {
     "restricted_everywhere": restricted_everywhere,
     "proxy_wiring_matches_defaults": proxy_wiring_matches_defaults,
     "workspace_is_isolated": workspace_is_isolated,
+    "one_identity_per_session": one_identity_per_session,
+    "files_are_shared": files_are_shared,
     "monitoring_is_wired": monitoring_is_wired,
 }

@@ -40,13 +40,15 @@ class ProgressLog:
 
 
 @contextlib.asynccontextmanager
-async def http_session(url: str, *, token: str | None = None) -> AsyncIterator[ClientSession]:
+async def http_session(
+    url: str, *, token: str | None = None, logging_callback: Any = None
+) -> AsyncIterator[ClientSession]:
     """An initialized session with ``url``'s ``/mcp`` (Streamable HTTP)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with (
         httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as client,
         streamable_http_client(f"{url}/mcp", http_client=client) as (read, write),
-        ClientSession(read, write) as session,
+        ClientSession(read, write, logging_callback=logging_callback) as session,
     ):
         await session.initialize()
         yield session
@@ -54,7 +56,12 @@ async def http_session(url: str, *, token: str | None = None) -> AsyncIterator[C
 
 @contextlib.asynccontextmanager
 async def stdio_session(
-    url: str, log_dir: Path, *, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
+    url: str,
+    log_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+    logging_callback: Any = None,
 ) -> AsyncIterator[ClientSession]:
     """An initialized session with ``session-proxy mcp --url URL``, spawned as clients do."""
     parameters = StdioServerParameters(
@@ -65,7 +72,7 @@ async def stdio_session(
     with (log_dir / f"mcp-stdio-{time.monotonic_ns()}.log").open("w") as errlog:
         async with (
             stdio_client(parameters, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
+            ClientSession(read, write, logging_callback=logging_callback) as session,
         ):
             await session.initialize()
             yield session
@@ -76,7 +83,7 @@ async def connect(
     transport: str, url: str, log_dir: Path, *, token: str | None = None, **stdio: Any
 ) -> AsyncIterator[ClientSession]:
     if transport == "http":
-        async with http_session(url, token=token) as session:
+        async with http_session(url, token=token, logging_callback=stdio.get("logging_callback")) as session:
             yield session
     else:
         async with stdio_session(url, log_dir, **stdio) as session:

@@ -37,7 +37,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnprivilegedPro
 
 # The document the fuzzed proxy serves (its --max-timeout is 2), built here because the
 # schema must exist when the tests are collected; a test checks it is the one served.
-DOCUMENT = openapi_document(max_timeout=2)
+DOCUMENT = openapi_document(max_timeout=2, default_timeout=2)
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 

@@ -78,12 +78,15 @@ async def test_loopback_host_names_are_accepted(proxy: RunningProxy, name: str) 
     assert headers["content-type"] == "application/x-ndjson"
 
 
+BROWSER_FETCH = "Sec-Fetch-Site: same-site\nSec-Fetch-Mode: no-cors\nSec-Fetch-Dest: empty"
+
+
 @pytest.mark.parametrize(
     "header",
-    ["Origin: http://127.0.0.1:{port}", "Origin: null", "Sec-Fetch-Mode: cors", "Sec-Fetch-Site: cross-site"],
+    ["Origin: http://127.0.0.1:{port}", "Origin: null", "Sec-Fetch-Site: cross-site", BROWSER_FETCH],
 )  # fmt: skip
 async def test_browser_requests_are_refused(proxy: RunningProxy, header: str) -> None:
-    """Any Origin (even our own) or Sec-Fetch-* header means a browser: 403, no CORS headers."""
+    """Any Origin (even our own) or Sec-Fetch-Site means a browser: 403, no CORS headers."""
     extra = header.format(port=proxy.port) + "\n"
     status, headers, payload = await raw_request(
         proxy.port, post(f"Host: 127.0.0.1:{proxy.port}\n", extra=extra)
@@ -91,6 +94,14 @@ async def test_browser_requests_are_refused(proxy: RunningProxy, header: str) ->
     assert status == 403
     assert json.loads(payload)["error"]["code"] == "browser_request"
     assert not any(name.startswith("access-control-") for name in headers)
+
+
+@pytest.mark.parametrize("header", ["Sec-Fetch-Mode: cors", "Sec-Fetch-Mode: cors\nSec-Fetch-Dest: empty"])
+async def test_fetch_metadata_without_site_is_not_a_browser(proxy: RunningProxy, header: str) -> None:
+    """Node's fetch (undici) sends Sec-Fetch-Mode but never Sec-Fetch-Site: it is let in."""
+    head = post(f"Host: 127.0.0.1:{proxy.port}\n", extra=header + "\n")
+    status, _, payload = await raw_request(proxy.port, head)
+    assert status == 200, payload
 
 
 async def test_preflight_is_refused_without_cors(proxy: RunningProxy) -> None:

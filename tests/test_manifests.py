@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,79 +18,152 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .manifest_rules import RULES, Objects, pods, sidecar_of
+from .manifest_rules import CLOSED_NETWORKS, RULES, Objects, pods, sidecar_of
 
 ROOT = Path(__file__).resolve().parent.parent
-KUBERNETES_VERSION = "1.33.0"
+MANIFESTS = ROOT / "manifests"
+# The supported Kubernetes minors: from the README's stated minimum (native sidecars) to the
+# newest whose schemas kubernetes-validate ships.
+MINIMUM_KUBERNETES = (1, 29)
+SCHEMA_DIR = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+SUPPORTED_VERSIONS = sorted(
+    {p.name.split("-")[0].removeprefix("v") for p in SCHEMA_DIR.glob("v1.*-local-strict")}
+    - {f"1.{minor}.0" for minor in range(MINIMUM_KUBERNETES[1])},
+    key=lambda v: tuple(int(part) for part in v.split(".")),
+)
 
-
-# The base alone, and the base with the monitoring component (the overlay that includes it).
-RENDERINGS = {"base": ROOT / "manifests", "with-monitoring": ROOT / "overlays" / "with-monitoring"}
-BASE_OBJECTS = [
-    "ConfigMap/session-mcp", "NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation",
-    "Pod/runner-demo", "Pod/workspace-demo", "Role/session-proxy", "RoleBinding/session-proxy",
-    "ServiceAccount/session-proxy", "ServiceAccount/session-workspace",
-]  # fmt: skip
-MONITORING_OBJECTS = [
-    "ConfigMap/session-proxy-dashboard", "PodMonitor/session-proxy", "PrometheusRule/session-proxy",
-]  # fmt: skip
+# The three layers, as an operator renders them: the cluster's monitoring pack, a namespace's
+# layer with kind's networks, and one session ("demo").
+RENDERINGS = {
+    "cluster": MANIFESTS / "monitoring",
+    "namespace": MANIFESTS / "examples" / "namespace",
+    "session": MANIFESTS / "examples" / "session",
+}
+LAYER_OBJECTS = {
+    "cluster": ["ConfigMap/session-proxy-dashboard", "PodMonitor/session-proxy",
+                "PrometheusRule/session-proxy"],
+    "namespace": ["NetworkPolicy/runner-ops", "NetworkPolicy/workspace-isolation",
+                  "ServiceAccount/session-workspace"],
+    "session": ["ConfigMap/session-mcp-demo", "PersistentVolumeClaim/session-files-demo", "Pod/runner-demo",
+                "Pod/workspace-demo", "Role/session-proxy-demo", "RoleBinding/session-proxy-demo",
+                "ServiceAccount/session-proxy-demo"],
+}  # fmt: skip
 # Custom resources of prometheus-operator: no schema in kubernetes-validate; monitoring_is_wired
 # checks what the proxy relies on.
 CUSTOM_GROUPS = ("monitoring.coreos.com/",)
 
 
-@functools.cache
-def render(name: str) -> Objects:
+def kustomize(directory: Path) -> Objects:
     kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is required to render the kustomize base"
+    assert kubectl, "kubectl is required to render the kustomize layers"
     result = subprocess.run(
-        [kubectl, "kustomize", str(RENDERINGS[name])],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
     )
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=sorted(RENDERINGS))
-def rendered(request: pytest.FixtureRequest) -> Objects:
-    return copy.deepcopy(render(request.param))
+@functools.cache
+def render(name: str) -> Objects:
+    return kustomize(RENDERINGS[name])
+
+
+def session_layer(directory: Path, name: str) -> Objects:
+    """The session layer rendered for ``name`` through an overlay written in ``directory``,
+    as an operator writes one per session."""
+    directory.mkdir(parents=True)
+    example = (RENDERINGS["session"] / "kustomization.yaml").read_text()
+    component = os.path.relpath(MANIFESTS / "session", directory)  # kustomize refuses absolute paths
+    (directory / "kustomization.yaml").write_text(
+        example.replace("../../session", component).replace("name=demo", f"name={name}")
+    )
+    return kustomize(directory)
 
 
 @pytest.fixture(scope="module")
-def with_monitoring() -> Objects:
-    return copy.deepcopy(render("with-monitoring"))
+def rendered() -> Objects:
+    """What a namespace holds with one session: the three layers together."""
+    return copy.deepcopy([obj for name in sorted(RENDERINGS) for obj in render(name)])
+
+
+@pytest.fixture(scope="module")
+def with_monitoring(rendered: Objects) -> Objects:
+    return rendered
 
 
 @pytest.mark.parametrize("name", sorted(RENDERINGS))
 def test_renders_every_object(name: str) -> None:
-    """The base renders the accounts, RBAC, both pods, the agent's MCP config and the network
-    policies; the monitoring component adds the PodMonitor, the PrometheusRule and the dashboard ConfigMap."""
+    """Each layer renders exactly its objects: the monitoring pack once per cluster, the network
+    policies and the workspaces' account once per namespace, the rest once per session."""
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in render(name))
-    expected = BASE_OBJECTS + (MONITORING_OBJECTS if name == "with-monitoring" else [])
-    assert kinds == sorted(expected)
+    assert kinds == sorted(LAYER_OBJECTS[name])
 
 
-def test_objects_match_the_kubernetes_schemas(rendered: Objects) -> None:
-    """Every object is valid (strictly: no unknown fields) for the Kubernetes API."""
-    examples = [yaml.safe_load(p.read_text()) for p in (ROOT / "manifests" / "examples").glob("*.yaml")]
-    assert examples, "manifests/examples/*.yaml: nothing to validate"
-    for obj in [*rendered, *examples]:
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_objects_match_the_kubernetes_schemas(rendered: Objects, version: str) -> None:
+    """Every object is valid (strictly: no unknown fields) for each supported Kubernetes minor."""
+    assert SUPPORTED_VERSIONS[0] == "1.29.0"
+    for obj in rendered:
         if not obj["apiVersion"].startswith(CUSTOM_GROUPS):
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_dashboard_configmap_holds_the_dashboard_file(with_monitoring: Objects) -> None:
+def test_readme_states_the_minimum_kubernetes_version() -> None:
+    """The README names the minimum the schemas are checked from, and why."""
+    text = (ROOT / "README.md").read_text()
+    assert f"Kubernetes {MINIMUM_KUBERNETES[0]}.{MINIMUM_KUBERNETES[1]} or later" in text
+
+
+def _names_and_values(objects: Objects) -> str:
+    return yaml.safe_dump(sorted(objects, key=lambda o: (o["kind"], o["metadata"]["name"])))
+
+
+def test_session_layer_takes_its_name_as_its_one_input(tmp_path: Path) -> None:
+    """Rendered for two names, the session layer differs only by the name: nothing of one
+    session is fixed in it, and no placeholder is left."""
+    alpha = _names_and_values(session_layer(tmp_path / "a", "alpha-1"))
+    beta = _names_and_values(session_layer(tmp_path / "b", "beta-2"))
+    assert "SESSION" not in alpha.replace("SESSION_", "")
+    assert "alpha-1" in alpha
+    assert alpha.replace("alpha-1", "beta-2") == beta
+    assert fixed_session_names([*render("cluster"), *render("namespace")]) == []
+
+
+def fixed_session_names(objects: Objects) -> list[str]:
+    """Objects of the cluster or namespace layers that name one session."""
+    return [
+        f"{o['kind']}/{o['metadata']['name']}" for o in objects
+        if "session" in (o["metadata"].get("labels") or {}) or "demo" in yaml.safe_dump(o)
+    ]  # fmt: skip
+
+
+def test_fixed_session_names_are_caught() -> None:
+    """A namespace-layer object that selects one session is reported."""
+    policy = copy.deepcopy(next(o for o in render("namespace") if o["kind"] == "NetworkPolicy"))
+    policy["spec"]["podSelector"]["matchLabels"]["session"] = "demo"
+    assert fixed_session_names([policy]) == [f"NetworkPolicy/{policy['metadata']['name']}"]
+
+
+def test_namespace_layer_keeps_the_cluster_networks_out() -> None:
+    """The workspace's egress excludes the metadata address and each network the example
+    overlay gives (pods, services, nodes, API server): no placeholder reaches the cluster."""
+    example = yaml.safe_load((RENDERINGS["namespace"] / "kustomization.yaml").read_text())
+    given = dict(item.split("=", 1) for item in example["configMapGenerator"][0]["literals"])
+    assert sorted(given) == sorted(CLOSED_NETWORKS)
+    policy = next(o for o in render("namespace") if o["metadata"]["name"] == "workspace-isolation")
+    closed = policy["spec"]["egress"][0]["to"][0]["ipBlock"]["except"]
+    assert closed == ["169.254.169.254/32", *(given[key] for key in CLOSED_NETWORKS)]
+
+
+def test_dashboard_configmap_holds_the_dashboard_file() -> None:
     """The generated ConfigMap carries dashboard.json byte for byte, labelled for Grafana's sidecar."""
     config_map = next(
         o
-        for o in with_monitoring
+        for o in render("cluster")
         if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-proxy-dashboard"
     )
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["data"] == {
-        "session-proxy.json": (ROOT / "manifests" / "monitoring" / "dashboard.json").read_text()
+        "session-proxy.json": (MANIFESTS / "monitoring" / "dashboard.json").read_text()
     }
 
 
@@ -104,6 +179,18 @@ def _runner(objects: Objects) -> dict[str, Any]:
 
 def _workspace(objects: Objects) -> dict[str, Any]:
     return next(p for p in pods(objects) if p["metadata"]["name"] == "workspace-demo")
+
+
+def _box(objects: Objects) -> dict[str, Any]:
+    return _workspace(objects)["spec"]["containers"][0]
+
+
+def _unmount(container: dict[str, Any], path: str) -> None:
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != path]
+
+
+def _binding(objects: Objects) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "RoleBinding")
 
 
 def _agent(objects: Objects) -> dict[str, Any]:
@@ -181,6 +268,39 @@ MUTATIONS: list[tuple[str, str, Mutation]] = [
      lambda o: _isolation(o)["spec"].update(ingress=[{}])),
     ("workspace_is_isolated", "metadata address reachable",
      lambda o: _isolation(o)["spec"]["egress"][0]["to"][0]["ipBlock"].pop("except")),
+    ("workspace_is_isolated", "the pod network reachable",
+     lambda o: _isolation(o)["spec"]["egress"][0]["to"][0]["ipBlock"]["except"].pop(1)),
+    ("workspace_is_isolated", "DNS rule opened to every port",
+     lambda o: _isolation(o)["spec"]["egress"][1].pop("ports")),
+    ("one_identity_per_session", "exec on every pod of the namespace",
+     lambda o: _role(o)["rules"][1].pop("resourceNames")),
+    ("one_identity_per_session", "list and watch namespace-wide",
+     lambda o: _role(o)["rules"][0].pop("resourceNames")),
+    ("one_identity_per_session", "Role names another session's pod",
+     lambda o: _role(o)["rules"][1].update(resourceNames=["workspace-other"])),
+    ("one_identity_per_session", "the sidecar not told its pod's name",
+     lambda o: _drop_env(_sidecar(o), "SESSION_PROXY_WORKSPACE_POD")),
+    ("one_identity_per_session", "a shared service account",
+     lambda o: _workspace(o)["spec"].update(serviceAccountName=_runner(o)["spec"]["serviceAccountName"])),
+    ("one_identity_per_session", "no RoleBinding",
+     lambda o: o.remove(_binding(o))),
+    ("files_are_shared", "volume missing from the agent",
+     lambda o: _unmount(_agent(o), "/workspace")),
+    ("files_are_shared", "volume missing from the workspace",
+     lambda o: _unmount(_box(o), "/workspace")),
+    ("files_are_shared", "the workspace's copy read-only",
+     lambda o: _box(o)["volumeMounts"][0].update(readOnly=True)),
+    ("files_are_shared", "each side a volume of its own",
+     lambda o: _workspace(o)["spec"]["volumes"][0].update(persistentVolumeClaim={"claimName": "other"})),
+    ("files_are_shared", "the workspace on any node",
+     lambda o: _workspace(o)["spec"].pop("affinity")),
+    ("files_are_shared", "different UIDs",
+     lambda o: _workspace(o)["spec"]["securityContext"].update(runAsUser=10003)),
+    ("files_are_shared", "HOME not writable",
+     lambda o: _unmount(_box(o), "/home/session")),
+    ("files_are_shared", "MCP workdir elsewhere",
+     lambda o: next(e for e in _sidecar(o)["env"] if e["name"] == "SESSION_PROXY_MCP_WORKDIR").update(
+         value="/tmp")),
 ]  # fmt: skip
 
 
@@ -243,3 +363,29 @@ def test_dockerfile_is_hadolint_clean() -> None:
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ignore" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_readme_session_kustomization_renders(tmp_path: Path) -> None:
+    """The README's per-session kustomization, with its `images:` from Releases, renders the
+    session it names running the published image."""
+    readme = (ROOT / "README.md").read_text()
+    yaml_blocks = re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)
+    session, images = (block for block in yaml_blocks if "components:" in block or "images:" in block)
+    directory = tmp_path / "alice"
+    directory.mkdir()
+    component = os.path.relpath(MANIFESTS / "session", directory)
+    (directory / "kustomization.yaml").write_text(
+        session.replace("<path to>/manifests/session", component) + images
+    )
+    objects = kustomize(directory)
+    runner = next(p for p in pods(objects) if sidecar_of(p) is not None)
+    assert runner["metadata"]["name"] == "runner-alice"
+    sidecar = sidecar_of(runner)
+    assert sidecar is not None
+    assert sidecar["image"] == "registry.example.com/platform/session-proxy:X.Y.Z"
+
+
+def test_no_object_claims_a_made_up_owner(rendered: Objects) -> None:
+    """No layer carries an owner reference: only what creates a session knows its owner's uid
+    (a placeholder uid with blockOwnerDeletion is refused under OwnerReferencesPermissionEnforcement)."""
+    assert [o["metadata"]["name"] for o in rendered if o["metadata"].get("ownerReferences")] == []

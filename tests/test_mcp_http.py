@@ -189,7 +189,7 @@ async def test_status_and_logs_tools(proxy: RunningProxy) -> None:
     assert status.structured_content["ready"] is True
     assert "is ready to run commands" in text_of(status)
     assert logs.is_error is True
-    assert "no workspace log" in text_of(logs)
+    assert text_of(logs).startswith("There is no workspace container log here: commands run as local")
     assert bad_tail.is_error is True
 
 
@@ -256,3 +256,22 @@ async def test_unix_socket_listener(make_proxy: ProxyFactory, tmp_path: Path) ->
         await session.initialize()
         result = await session.call_tool("exec", {"command": "echo over the socket"})
     assert text_of(result) == "over the socket\nexit code: 0"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource",
+     "/.well-known/oauth-authorization-server", "/.well-known/openid-configuration", "/register"],
+)  # fmt: skip
+async def test_oauth_discovery_is_404_even_without_the_token(
+    http: aiohttp.ClientSession, make_proxy: ProxyFactory, tmp_path: Path, path: str
+) -> None:
+    """The proxy has no OAuth: discovery finds nothing (404), so a client reports the 401 of /mcp."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-0123456789\n")
+    proxy = await make_proxy(auth_token_file=str(token_file))
+    method = http.post if path == "/register" else http.get
+    async with method(f"{proxy.url}{path}") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "not_found"
+    assert (await post_initialize(http, proxy)).status == 401

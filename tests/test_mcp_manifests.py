@@ -21,6 +21,8 @@ from .manifest_rules import Objects, pods, sidecar_of
 from .mcp_client import text_of
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER_NAME = "session-workspace"  # the README's name; Claude Code refuses "workspace" as reserved
+RESERVED_NAMES = frozenset({"workspace"})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def rendered() -> Objects:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is required to render the kustomize base"
     result = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "manifests")],
+        [kubectl, "kustomize", str(ROOT / "manifests" / "examples" / "session")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -81,7 +83,10 @@ def mcp_wiring_problems(objects: Objects) -> list[str]:
             if config is None:
                 problems.append(f"{container['name']}: no ConfigMap {config_map!r} with an .mcp.json")
                 continue
-            server = config["mcpServers"]["workspace"]
+            reserved = RESERVED_NAMES & set(config["mcpServers"])
+            if reserved:
+                problems.append(f".mcp.json names a server a client reserves: {sorted(reserved)}")
+            server = config["mcpServers"].get(SERVER_NAME, {})
             if server.get("type") != "http" or server.get("url") != expected_url:
                 problems.append(f".mcp.json does not name {expected_url} over http: {server}")
             if env["SESSION_PROXY_AUTH_TOKEN_FILE"] not in server.get("headersHelper", ""):
@@ -112,11 +117,14 @@ def _unmount_config(objects: Objects) -> None:
     agent["volumeMounts"] = [m for m in agent["volumeMounts"] if m["name"] != "session-mcp"]
 
 
-def _config_on_other_port(objects: Objects) -> None:
-    config_map = next(
-        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-mcp"
-    )
-    config_map["data"][".mcp.json"] = config_map["data"][".mcp.json"].replace(":8081/", ":9464/")
+def _edit_config(old: str, new: str) -> Callable[[Objects], None]:
+    def mutate(objects: Objects) -> None:
+        config_map = next(
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "session-mcp-demo"
+        )
+        config_map["data"][".mcp.json"] = config_map["data"][".mcp.json"].replace(old, new)
+
+    return mutate
 
 
 @pytest.mark.parametrize(
@@ -124,7 +132,8 @@ def _config_on_other_port(objects: Objects) -> None:
     [
         ("MCP URL on the ops port", _set_env("SESSION_PROXY_MCP_URL", "http://127.0.0.1:9464/mcp")),
         ("config file not mounted", _unmount_config),
-        (".mcp.json names the ops port", _config_on_other_port),
+        (".mcp.json names the ops port", _edit_config(":8081/", ":9464/")),
+        (".mcp.json uses a reserved name", _edit_config(f'"{SERVER_NAME}"', '"workspace"')),
         (
             "token file moved without the helper",
             _set_env("SESSION_PROXY_AUTH_TOKEN_FILE", "/elsewhere/token"),
@@ -147,9 +156,9 @@ async def test_the_shipped_mcp_json_reaches_a_real_proxy(
     token_file = tmp_path / "token"
     proxy = await make_proxy(auth_token_file=str(token_file))  # the proxy creates the token
     agent_token_file = env_of(_agent(rendered))["SESSION_PROXY_AUTH_TOKEN_FILE"]
-    config = mcp_config(rendered, "session-mcp")
+    config = mcp_config(rendered, "session-mcp-demo")
     assert config is not None
-    helper = config["mcpServers"]["workspace"]["headersHelper"].replace(agent_token_file, str(token_file))
+    helper = config["mcpServers"][SERVER_NAME]["headersHelper"].replace(agent_token_file, str(token_file))
     headers = json.loads(
         subprocess.run(["sh", "-c", helper], capture_output=True, check=True, timeout=10).stdout
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import httpx2
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from .conftest import ProxyFactory, RunningProxy, kube_proxy, survivors, wait_for_processes
 from .mcp_client import TRANSPORTS, ProgressLog, connect, text_of
@@ -64,8 +66,14 @@ async def test_tools_are_listed_with_schemas(workspace: Workspace, transport: st
     )
     assert set(exec_tool.output_schema["required"]) >= {"exit_code", "reason", "stdout_bytes", "truncated"}
     assert "setsid" in exec_tool.description
-    if transport == "http":  # the bridge does not know the proxy's maximum; the proxy checks it
-        assert exec_tool.input_schema["properties"]["timeout"]["anyOf"][0]["maximum"] == 1800
+    # The real numbers, also through the stdio bridge (which asks the proxy for its timeouts).
+    assert "Timeout: default 300 s, at most 1800 s" in exec_tool.description
+    assert "beyond 30000 characters" in exec_tool.description
+    assert exec_tool.input_schema["properties"]["timeout"]["anyOf"][0]["maximum"] == 1800
+    # What the model reads of the input schema: the rule it must follow, no internal docstring.
+    assert "exactly one of `command`" in exec_tool.input_schema["description"]
+    assert "ExecArguments" not in json.dumps(exec_tool.input_schema)
+    assert exec_tool.output_schema["title"] == "exec result"
     assert exec_tool.annotations.destructive_hint is True
     assert exec_tool.annotations.open_world_hint is True
     assert tools["status"].annotations.read_only_hint is True
@@ -86,8 +94,8 @@ async def test_output_exit_code_and_structured_fields(
     assert result.is_error is False
     text = text_of(result)
     # Two pipes: where stderr's line lands among stdout's is up to the scheduler, not the proxy.
-    assert "err\n" in text
-    assert text.replace("err\n", "", 1) == "out\nhellofrom stdin\nexit code: 3"
+    assert "[stderr] err\n" in text
+    assert text.replace("[stderr] err\n", "", 1) == "out\nhellofrom stdin\nexit code: 3"
     structured = result.structured_content
     assert structured["exit_code"] == 3
     assert structured["reason"] == "exited"
@@ -134,8 +142,27 @@ async def test_timeout_is_an_error_and_leaves_no_process(
     text = text_of(result)
     assert text.startswith("started\n")
     assert "ran out of time (1 s)" in text
+    assert "at most 1800 s" in text
+    assert "setsid" not in text  # a detached process escapes every kill: never the advice
     assert text.splitlines()[-1].startswith("exit code: ")
     assert await survivors(marker, within=5) == []
+
+
+async def test_a_missing_program_reads_the_same_with_and_without_a_shell(
+    workspace: Workspace, transport: str, tmp_path: Path
+) -> None:
+    """argv naming no program: exit 127 and the reason on stderr, as through `sh -c`; not an early end."""
+    async with connect(transport, workspace.proxy.url, tmp_path) as session:
+        direct = await session.call_tool("exec", {"argv": ["no-such-program-here"]})
+        shell = await session.call_tool("exec", {"command": "no-such-program-here"})
+    for result in (direct, shell):
+        assert result.is_error is False, text_of(result)
+        assert result.structured_content["exit_code"] == 127
+        lines = text_of(result).split("\n")
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("[stderr] ")
+        assert "no-such-program-here" in lines[0]
+        assert lines[1] == "exit code: 127"
 
 
 async def test_progress_carries_output_while_the_command_runs(
@@ -190,10 +217,12 @@ async def test_long_output_is_cut_in_the_middle(workspace: Workspace, transport:
     assert structured["truncated"] is True
     text = text_of(result)
     assert text.startswith("line 00000 ")
-    assert text.endswith("err\nexit code: 0")
+    assert text.endswith("[stderr] err\nexit code: 0")
     assert "line 09999 " in text
     assert "line 05000 " not in text
     assert "characters left out in the middle" in text
+    shown = [line for line in text.split("\n") if line.startswith("line ")]
+    assert {len(line) for line in shown} == {99}  # the cut falls between lines
     assert len(text) < 30_000 + 500
 
 
@@ -256,3 +285,85 @@ async def test_workspace_not_ready_is_a_tool_error_saying_what_to_do(
     assert "not ready" in text_of(result)
     assert "retry in" in text_of(result)
     assert "not run: " in text_of(result)
+
+
+class LogMessages:
+    """Collects the server's log messages (notifications/message); a test can wait for one."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._arrived = asyncio.Condition()
+
+    async def __call__(self, params: Any) -> None:
+        async with self._arrived:
+            self.messages.append(f"{params.level} {params.logger}: {params.data}")
+            self._arrived.notify_all()
+
+    async def wait_for(self, text: str, within: float = 20) -> str:
+        async with asyncio.timeout(within), self._arrived:
+            while True:
+                for message in self.messages:
+                    if text in message:
+                        return message
+                await self._arrived.wait()
+
+
+async def file_appears(path: Path, within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        while not path.exists():
+            await asyncio.sleep(0.02)
+
+
+def gated(started: Path, gate: Path) -> str:
+    """A command that says it started, then runs until the test opens ``gate``."""
+    return f"echo first-line; touch {started}; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_long_call_without_progress_token_gets_log_messages(
+    make_proxy: ProxyFactory, tmp_path: Path, transport: str
+) -> None:
+    """No progress token: a long call's news still reaches the client (a short call sends none)."""
+    proxy = await make_proxy()
+    gate = tmp_path / "gate"
+    log = LogMessages()
+    async with connect(transport, proxy.url, tmp_path, logging_callback=log) as session:
+        assert session.server_capabilities is not None
+        assert session.server_capabilities.logging is not None
+        short = await session.call_tool("exec", {"command": "echo short"})
+        assert log.messages == []
+        call = asyncio.create_task(session.call_tool("exec", {"command": gated(tmp_path / "s", gate)}))
+        message = await log.wait_for("first-line", within=60)
+        gate.touch()
+        result = await call
+    assert text_of(short) == "short\nexit code: 0"
+    assert message.startswith("info exec: running for "), message
+    assert message.endswith("; last output:\nfirst-line"), message
+    assert text_of(result) == "first-line\ndone\nexit code: 0"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_log_messages_keep_to_the_level_the_client_set(
+    make_proxy: ProxyFactory, tmp_path: Path, transport: str
+) -> None:
+    """A client that asked for warnings and worse gets no running-command notices.
+
+    A second client's call, started later, shows when a notice was due.
+    """
+    proxy = await make_proxy()
+    gate = tmp_path / "gate"
+    quiet_log, loud_log = LogMessages(), LogMessages()
+    async with (
+        connect(transport, proxy.url, tmp_path, logging_callback=quiet_log) as quiet,
+        connect(transport, proxy.url, tmp_path, logging_callback=loud_log) as loud,
+    ):
+        with pytest.warns(MCPDeprecationWarning, match="logging capability"):
+            await quiet.set_logging_level("warning")
+        quiet_call = asyncio.create_task(quiet.call_tool("exec", {"command": gated(tmp_path / "q", gate)}))
+        await file_appears(tmp_path / "q")
+        loud_call = asyncio.create_task(loud.call_tool("exec", {"command": gated(tmp_path / "l", gate)}))
+        await loud_log.wait_for("first-line", within=60)
+        gate.touch()
+        results = [await quiet_call, await loud_call]
+    assert [text_of(result) for result in results] == ["first-line\ndone\nexit code: 0"] * 2
+    assert quiet_log.messages == []

@@ -33,7 +33,7 @@ PHRASES: dict[str, Callable[[Any], bool]] = {
         "/var/run/secrets/kubernetes.io/serviceaccount/"
     ),
 }
-IN_A_CLUSTER = re.compile(r"`(\w+)` in a cluster \(`(\w+)` set\), else `(\w+)`")
+IN_A_CLUSTER = re.compile(r"`([^`]+)` in a cluster \(`(\w+)` set\), else `([^`]+)`")
 SIZE = re.compile(r"^`(\d+)` \((\d+) (KiB|MiB)\)$")
 
 

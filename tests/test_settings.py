@@ -24,6 +24,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # Defaults the README states in words; each is checked here, everything else must be `literal`.
 DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
     "unsafe_listen_any_address": ("off", False),
+    "ops_listen": (
+        "`0.0.0.0:9464` in a cluster (`KUBERNETES_SERVICE_HOST` set), else `127.0.0.1:9464`",
+        "127.0.0.1:9464",
+    ),
     "auth_token_file": ("unset: no token", None),
     "backend": ("`kubernetes` in a cluster (`KUBERNETES_SERVICE_HOST` set), else `local`", "local"),
     "local_root": ("current directory", Path.cwd().resolve()),
@@ -33,6 +37,7 @@ DEFAULTS_IN_WORDS: dict[str, tuple[str, object]] = {
     "namespace": ("`$POD_NAMESPACE`", None),
     "session_name": ("`$SESSION_NAME`", None),
     "workspace_selector": ("`session=$SESSION_NAME,type=workspace`", None),
+    "workspace_pod": ("unset", None),
     "owner_kind": ("unset", None),
     "owner_api_group": ("unset", ""),
     "owner_name": ("unset", None),
@@ -109,6 +114,16 @@ def test_kubernetes_backend_needs_a_selector() -> None:
     with pytest.raises(ValidationError) as caught:
         parse(["--backend", "kubernetes"], {})
     assert "--workspace-selector" in describe_settings_error(caught.value)
+
+
+def test_workspace_pod_is_a_pod_name() -> None:
+    """--workspace-pod alone is enough to find the pod; it must be a valid pod name."""
+    settings = parse(["--backend", "kubernetes", "--workspace-pod", "workspace-a.1"], {})
+    assert settings.workspace_pod == "workspace-a.1"
+    for bad in ("Workspace", "ws_1", "-ws", "ws,metadata.namespace=x"):
+        with pytest.raises(ValidationError) as caught:
+            parse([f"--workspace-pod={bad}"], {})
+        assert "--workspace-pod" in describe_settings_error(caught.value)
 
 
 def test_flag_wins_over_environment() -> None:

@@ -59,3 +59,18 @@ def test_random_bytes_random_cuts_are_lossless() -> None:
         cuts = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.randint(0, 6))))
         chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
         assert reassemble(chunks)[0] == raw
+
+
+def test_invalid_byte_keeps_the_rest_of_its_chunk_as_text() -> None:
+    """One invalid byte travels alone as base64: the valid text after it in the chunk stays text."""
+    text = "and the rest of the line, which is valid UTF-8 café €"
+    data, pieces = reassemble([b"caf\xe9 " + text.encode()])
+    assert data == b"caf\xe9 " + text.encode()
+    assert pieces == [("data", "caf"), ("data_b64", base64.b64encode(b"\xe9").decode()), ("data", " " + text)]
+
+
+def test_encoded_surrogates_are_bytes_not_text() -> None:
+    """UTF-8 that encodes a surrogate is invalid: it travels as base64, never as text."""
+    data, pieces = reassemble([b"a\xed\xa0\x80b"])
+    assert data == b"a\xed\xa0\x80b"
+    assert pieces == [("data", "a"), ("data_b64", base64.b64encode(b"\xed\xa0\x80").decode()), ("data", "b")]

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from ..errors import BackendFailure, NotFound
+from ..errors import BackendFailure, NotFound, NotReady, ProxyError
 from ..metrics import Metrics
 from ..models import Guarantees
 from .base import BackendInfo, ExecSpec, ExitDrain, ExitStatus, OutputChunk, WaitingCallback, next_output
@@ -32,8 +34,12 @@ ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True
 # margin it is presumed stuck (stopped, say) and the proxy ends the group itself.
 LEADER_REPLY_MARGIN: Final = 10.0
 START_REPLY_TIMEOUT: Final = 30.0  # the spawner forks a leader, the leader a command: normally ms
+SPAWNER_CHECK: Final = 0.5  # how often a start waiting on the spawner checks it is not stopped
+START_ATTEMPTS: Final = 3  # starts on a new spawner after one that failed before anything ran
+DESCRIPTORS_RETRY_AFTER: Final = 1.0
 LEADER_GONE: Final = "the command's leader process ended unexpectedly; its exit status is unknown"
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +57,7 @@ class LocalExecution:
 
     def __init__(
         self, target: str, exec_id: str, pid: int, channel: LeaderChannel, output: CommandOutput,
-        stdin: asyncio.WriteTransport | None, metrics: Metrics | None,
+        stdin: StdinFeed | None, metrics: Metrics | None,
     ) -> None:  # fmt: skip
         self.target = target
         self._exec_id = exec_id
@@ -130,7 +136,7 @@ class LocalExecution:
         await self._channel.close()
         self._output.close()
         if self._stdin is not None:
-            self._stdin.close()
+            self._stdin.abort()
         self._follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._follower
@@ -159,6 +165,31 @@ class FailedExecution:
         return None
 
 
+class NothingRan(Exception):
+    """The spawner failed before any leader took the request: starting again is safe."""
+
+
+def refusal_for(error: OSError) -> ProxyError:
+    """Out of descriptors (or memory) is a passing condition: a 503 to retry; else a 502."""
+    if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return NotReady(
+            f"the proxy cannot open the command's pipes now ({error.strerror}); retry shortly, "
+            "or raise the proxy's descriptor limit (ulimit -n)",
+            retry_after=DESCRIPTORS_RETRY_AFTER,
+            code="out_of_descriptors",
+        )
+    return BackendFailure(f"the local process spawner failed: {error.strerror}")
+
+
+def start_too_late() -> NotReady:
+    return NotReady(
+        "the local process spawner did not start the command within the request's timeout "
+        "(nothing ran); retry",
+        retry_after=1,
+        code="spawner_unavailable",
+    )
+
+
 def spawn_failure(report: dict[str, Any], spec: ExecSpec, cwd: str) -> ExitStatus:
     """The leader's ``failed`` report as an exit: shell conventions, 127 not found, 126 not runnable."""
     reason = os.strerror(int(report["errno"]))
@@ -185,37 +216,54 @@ class LocalBackend:
         return {**base, **extra}
 
     async def start(self, spec: ExecSpec, on_waiting: WaitingCallback) -> LocalExecution | FailedExecution:
+        """Start the command; a spawner that ended or got stuck before any leader took the
+        request (so nothing ran) is replaced and the start tried again."""
         cwd = spec.workdir or str(self._root)
-        spawner = await self._running_spawner()
-        pipes = CommandPipes(with_stdin=spec.stdin is not None)
+        attempts = 0
+        while True:
+            spawner = await self._running_spawner()
+            try:
+                return await self._start_once(spawner, spec, cwd)
+            except NothingRan as failure:
+                log.warning("the local process spawner failed before the command started (%s)", failure)
+                await self._replace_spawner(spawner)
+                attempts += 1
+                if attempts == START_ATTEMPTS:
+                    raise BackendFailure(f"the local process spawner failed {attempts} times") from failure
+
+    async def _start_once(
+        self, spawner: Spawner, spec: ExecSpec, cwd: str
+    ) -> LocalExecution | FailedExecution:
+        try:
+            pipes = CommandPipes(with_stdin=spec.stdin is not None)
+        except OSError as error:
+            raise refusal_for(error) from error
         try:
             try:
-                await spawner.request(pipes.for_leader)
+                await self._watched(spawner, spawner.request(pipes.for_leader), spec)
             finally:
                 pipes.close_leader_ends()
             channel = await LeaderChannel.connect(pipes.control)
         except OSError as error:
             pipes.close_ours()
+            if not spawner.alive():
+                raise NothingRan(f"it ended: {error.strerror}") from error
             raise BackendFailure(f"the local process spawner failed: {error.strerror}") from error
         except BaseException:
             pipes.close_ours()
             raise
-        channel.send({"argv": spec.argv, "cwd": cwd, "env": self.environment(spec.env)})
+        # start_by: a leader that reads this too late (its spawner stuck meanwhile) starts nothing.
+        env = self.environment(spec.env)
+        channel.send({"argv": spec.argv, "cwd": cwd, "env": env, "start_by": spec.deadline})
         try:
-            try:
-                async with asyncio.timeout(START_REPLY_TIMEOUT):
-                    report = await channel.receive()
-            except TimeoutError:
-                raise BackendFailure("the local process spawner did not answer") from None
+            report = await self._watched(spawner, channel.receive(), spec)
             if report is None or "started" not in report:
                 pipes.close_ours(control=False)
-                if report is None:
-                    raise BackendFailure("the local process spawner did not start the command")
                 await channel.close()
-                return FailedExecution(self._target, spawn_failure(report, spec, cwd))
+                return self._not_started(report, spawner, spec, cwd)
             output = CommandOutput()
             await output.connect(pipes.take_stdout(), pipes.take_stderr())
-            stdin = await _feed_stdin(pipes.take_stdin(), spec.stdin) if spec.stdin is not None else None
+            stdin = await StdinFeed.feed(pipes.take_stdin(), spec.stdin) if spec.stdin is not None else None
         except BaseException:
             pipes.close_ours(control=False)
             await channel.close()
@@ -223,15 +271,67 @@ class LocalBackend:
         pid = int(report["started"])
         return LocalExecution(self._target, spec.exec_id, pid, channel, output, stdin, self._metrics)
 
+    def _not_started(
+        self, report: dict[str, Any] | None, spawner: Spawner, spec: ExecSpec, cwd: str
+    ) -> FailedExecution:
+        """The leader's refusal as an exit, or the error for a leader that never answered."""
+        if report is None:
+            if not spawner.alive():
+                raise NothingRan("it ended before forking the command's leader")
+            raise BackendFailure("the local process spawner did not start the command")
+        if report["failed"] == "deadline":
+            raise start_too_late()
+        return FailedExecution(self._target, spawn_failure(report, spec, cwd))
+
+    async def _watched(self, spawner: Spawner, step: Awaitable[T], spec: ExecSpec) -> T:
+        """One step of a start that waits on the spawner, bounded by the request's deadline.
+
+        A spawner found stopped meanwhile is killed: requests queued on its socket die with it,
+        so their leaders never start and the step ends with EOF (nothing ran, start again).
+        """
+        loop = asyncio.get_running_loop()
+        give_up = min(spec.deadline, loop.time() + START_REPLY_TIMEOUT)
+        task = asyncio.ensure_future(step)
+        try:
+            while not task.done():
+                left = give_up - loop.time()
+                if left <= 0:
+                    if spawner.stopped() or left + START_REPLY_TIMEOUT <= 0:
+                        spawner.kill()
+                    if loop.time() >= spec.deadline:
+                        raise start_too_late()
+                    raise BackendFailure("the local process spawner did not answer")
+                await asyncio.wait({task}, timeout=min(SPAWNER_CHECK, left))
+                if not task.done() and spawner.stopped():
+                    log.warning("the local process spawner is stopped; ending it", extra={"pid": spawner.pid})
+                    spawner.kill()
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
     async def _running_spawner(self) -> Spawner:
         async with self._spawner_lock:
-            if self._spawner is not None and not self._spawner.running:
+            if self._spawner is not None and not self._spawner.alive():
                 log.warning("the local process spawner ended; starting a new one")
                 await self._spawner.close()
                 self._spawner = None
             if self._spawner is None:
-                self._spawner = await Spawner.start()
+                try:
+                    self._spawner = await Spawner.start()
+                except OSError as error:
+                    raise refusal_for(error) from error
             return self._spawner
+
+    async def _replace_spawner(self, spawner: Spawner) -> None:
+        """End a spawner that failed a start (once, however many starts it failed)."""
+        async with self._spawner_lock:
+            if self._spawner is spawner:
+                self._spawner = None
+                spawner.kill()
+                await spawner.close()
 
     async def open(self) -> None:
         await self._running_spawner()
@@ -248,14 +348,34 @@ class LocalBackend:
             self._spawner = None
 
 
-async def _feed_stdin(fd: int, data: bytes) -> asyncio.WriteTransport:
-    """Queue the whole input and close the pipe after it (EOF), without blocking anyone.
+class StdinFeed(asyncio.Protocol):
+    """The command's stdin pipe: the whole input is queued, then EOF, without blocking anyone.
 
     The input is bounded by the request body limit. A command that exits without reading it
     just breaks the pipe, which the pipe transport absorbs quietly.
     """
-    pipe = os.fdopen(fd, "wb", buffering=0)
-    transport, _ = await asyncio.get_running_loop().connect_write_pipe(asyncio.Protocol, pipe)
-    transport.write(data)
-    transport.write_eof()
-    return transport
+
+    def __init__(self) -> None:
+        self._transport: asyncio.WriteTransport | None = None
+        self._lost = False
+
+    @classmethod
+    async def feed(cls, fd: int, data: bytes) -> StdinFeed:
+        pipe = os.fdopen(fd, "wb", buffering=0)
+        transport, feed = await asyncio.get_running_loop().connect_write_pipe(cls, pipe)
+        transport.write(data)
+        transport.write_eof()
+        return feed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+
+    def abort(self) -> None:
+        """Close the pipe now and drop unread input: closing would wait for a reader to drain
+        it, holding the pipe and the buffer for as long as something keeps the other end."""
+        if self._transport is not None and not self._lost:
+            self._transport.abort()

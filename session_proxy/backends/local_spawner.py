@@ -16,6 +16,7 @@ from .spawner import READY
 SPAWNER_MODULE: Final = "session_proxy.backends.spawner"
 START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 5.0
+STOPPED_STATES: Final = frozenset("Tt")  # /proc/<pid>/stat: stopped, or stopped by a tracer
 
 
 class Spawner:
@@ -51,8 +52,30 @@ class Spawner:
         return spawner
 
     @property
-    def running(self) -> bool:
-        return self._process.returncode is None
+    def pid(self) -> int:
+        return self._process.pid
+
+    def alive(self) -> bool:
+        """Not ended: it sends nothing after ``ready``, so EOF on its socket means it is gone
+        (known at once, before the child watcher has its exit status)."""
+        if self._process.returncode is not None or self._requests.fileno() < 0:
+            return False
+        try:
+            return bool(self._requests.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def stopped(self) -> bool:
+        """Stopped (SIGSTOP, a debugger): it forks no leader until it is continued."""
+        return process_state(self._process.pid) in STOPPED_STATES
+
+    def kill(self) -> None:
+        """End a stuck spawner: requests still queued on its socket are dropped with it, so
+        their leaders never start and their channels reach EOF (nothing ran)."""
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
 
     async def request(self, fds: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -71,6 +94,8 @@ class Spawner:
     async def close(self) -> None:
         """EOF ends the spawner; leaders of running commands end with their own channels."""
         self._requests.close()
+        if self.stopped():
+            self.kill()  # a stopped process reads no EOF
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 await self._process.wait()
@@ -78,6 +103,16 @@ class Spawner:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
             await self._process.wait()
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("" if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return ""
+    return text[text.rfind(")") + 2 : text.rfind(")") + 3]
 
 
 class LeaderChannel:
@@ -112,16 +147,28 @@ class LeaderChannel:
 
 
 class CommandPipes:
-    """The descriptors of one command: the proxy's ends and the ends handed to its leader."""
+    """The descriptors of one command: the proxy's ends and the ends handed to its leader.
+
+    Opening them may fail half-way (EMFILE when the proxy is out of descriptors): whatever was
+    opened by then is closed again before the error propagates, so a refusal leaks nothing.
+    """
 
     def __init__(self, with_stdin: bool) -> None:
-        self.stdout, stdout_child = os.pipe()
-        self.stderr, stderr_child = os.pipe()
-        if with_stdin:
-            stdin_child, self.stdin = os.pipe()
-        else:
-            stdin_child, self.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
-        self.control, control_child = socket.socketpair()
+        opened: list[int] = []
+        try:
+            self.stdout, stdout_child = _opened(opened, os.pipe())
+            self.stderr, stderr_child = _opened(opened, os.pipe())
+            if with_stdin:
+                stdin_child, self.stdin = _opened(opened, os.pipe())
+            else:
+                opened.append(stdin_child := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                self.stdin = -1
+            control, control_child = socket.socketpair()
+        except OSError:
+            for fd in opened:
+                os.close(fd)
+            raise
+        self.control = control
         self.for_leader = [stdin_child, stdout_child, stderr_child, control_child.detach()]
 
     def close_leader_ends(self) -> None:
@@ -148,3 +195,9 @@ class CommandPipes:
                 os.close(fd)
         if control:
             self.control.close()
+
+
+def _opened(opened: list[int], pair: tuple[int, int]) -> tuple[int, int]:
+    """Note a new pipe's two descriptors for clean-up, and hand them on."""
+    opened.extend(pair)
+    return pair

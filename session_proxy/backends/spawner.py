@@ -6,8 +6,9 @@ stdout and stderr, and a control socket) it forks a *leader*, which:
 
 - is a child subreaper, so everything the command starts stays below it even after a
   ``setsid``/``setpgid`` and the death of its parent, and is reaped by it;
-- reads the command (JSON: argv, cwd, env) from the control socket, runs it in a new session
-  and reports ``{"started": pid}`` or ``{"failed": stage, "errno", "strerror"}``, then
+- reads the command (JSON: argv, cwd, env, start_by) from the control socket, runs it in a new
+  session unless ``start_by`` (monotonic clock) has passed, and reports ``{"started": pid}`` or
+  ``{"failed": stage, "errno", "strerror"}`` (stage ``deadline``, ``chdir`` or ``exec``), then
   ``{"exited": returncode}`` (negative: killed by that signal);
 - on ``{"terminate": grace, "spare_detached": bool}`` ends its whole tree (TERM, grace, KILL),
   answers ``{"terminated": [pids that survived KILL]}`` and exits;
@@ -26,12 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
+import math
 import os
 import select
 import signal
 import socket
+import stat
 import sys
+import time
 import traceback
 from typing import Any, Final
 
@@ -113,7 +118,7 @@ class Leader:
         self.control = socket.socket(fileno=control)
         self.control.setblocking(True)
         self.command_pid = 0
-        self.output_pipes = frozenset(os.fstat(fd).st_ino for fd in stdio[1:])
+        self.pipes = frozenset(os.fstat(fd).st_ino for fd in stdio if stat.S_ISFIFO(os.fstat(fd).st_mode))
         self.wakeup = ChildSignals()
         self.received = b""
         self.libc = libc
@@ -134,8 +139,11 @@ class Leader:
         self.end_tree(0, spare_detached=False)  # the proxy is gone: nothing may outlive it
 
     def spawn(self, spec: dict[str, Any]) -> bool:
-        stage = "chdir"
+        stage = "deadline"
         try:
+            if time.monotonic() >= spec.get("start_by", math.inf):
+                raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))  # the proxy gave up
+            stage = "chdir"
             os.chdir(spec["cwd"])
             stage = "exec"
             self.command_pid = spawn_command(spec, self.stdio)
@@ -176,8 +184,9 @@ class Leader:
         self.reap()
 
     def detached(self, entry: ProcessEntry) -> bool:
-        """Detached on purpose: its own session, and none of the command's output pipes."""
-        return entry.sid != self.command_pid and not holds_any(entry.pid, self.output_pipes)
+        """Detached on purpose: its own session, and none of the command's pipes (stdin too:
+        the proxy's end of it must not wait for a reader that never reads)."""
+        return entry.sid != self.command_pid and not holds_any(entry.pid, self.pipes)
 
     def end_tree(self, grace: float, spare_detached: bool) -> list[int]:
         self.reap()

@@ -6,6 +6,6 @@ an exec like any other (admission, metrics, exec id, log line, kill on disconnec
 transports only carry them: ``http.py`` mounts the SDK's session manager at ``/mcp`` on the
 exec listener, ``stdio.py`` serves them over stdin/stdout for ``session-proxy mcp``.
 
-Nothing here imports the MCP SDK at module level except ``tools.py``, ``stdio.py`` and
-``http_sdk.py``: the proxy loads it on the first ``/mcp`` request only.
+Nothing here imports the MCP SDK at module level except ``tools.py`` and ``stdio.py``: the
+proxy loads it on the first ``/mcp`` request only, and then only its server side (``sdk.py``).
 """

@@ -2,8 +2,10 @@
 
 The MCP SDK's Streamable HTTP server is an ASGI app. A generic adapter that collects the
 response (``aiohttp-asgi`` 0.7.1) never delivers a server-sent-event stream, so this small
-bridge maps ``http.response.*`` messages straight onto an aiohttp ``StreamResponse``: each
-body message is written (and drained) at once, which is what carries progress live.
+bridge maps ``http.response.*`` messages straight onto an aiohttp ``StreamResponse``: the
+status and headers go out with ``http.response.start`` (a client waiting on them sees its
+stream open even when the first event is far off), and each body message is written (and
+drained) at once, which is what carries progress live.
 
 The request's end is told to the app twice: ``receive()`` answers ``http.disconnect`` once
 the exchange is over, and ``scope["extensions"][EXCHANGE_CLOSED]`` is an ``asyncio.Event``
@@ -74,30 +76,33 @@ class _Exchange:
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers: list[tuple[str, str]] = []
-            for raw_name, raw_value in message.get("headers", []):
-                name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
-                if name.lower() == "content-length":
-                    self._length = int(value)
-                if name.lower() not in HOP_BY_HOP:
-                    headers.append((name, value))
-            self.response = web.StreamResponse(status=message["status"], headers=headers)
-            if self._length is not None:
-                self.response.content_length = self._length
-            return
-        if message["type"] != "http.response.body" or self.response is None or self.closed.is_set():
+        if self.closed.is_set():
             return  # nobody is listening any more: what the app says next goes nowhere
         try:
-            if not self.response.prepared:
-                await self.response.prepare(self.request)
-            body = message.get("body", b"")
-            if body:
-                await self.response.write(body)
-            if not message.get("more_body", False):
-                await self.response.write_eof()
+            if message["type"] == "http.response.start":
+                await self._start(message)
+            elif message["type"] == "http.response.body" and self.response is not None:
+                body = message.get("body", b"")
+                if body:
+                    await self.response.write(body)
+                if not message.get("more_body", False):
+                    await self.response.write_eof()
         except ConnectionError:
             self.closed.set()
+
+    async def _start(self, message: Message) -> None:
+        """Send the status and headers now: a stream's first event may be minutes away."""
+        headers: list[tuple[str, str]] = []
+        for raw_name, raw_value in message.get("headers", []):
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            if name.lower() == "content-length":
+                self._length = int(value)
+            if name.lower() not in HOP_BY_HOP:
+                headers.append((name, value))
+        self.response = web.StreamResponse(status=message["status"], headers=headers)
+        if self._length is not None:
+            self.response.content_length = self._length
+        await self.response.prepare(self.request)
 
 
 async def serve_asgi(app: AsgiApp, request: web.Request) -> web.StreamResponse:

@@ -26,10 +26,10 @@ QUIET_HEARTBEAT: Final = 2  # progress intervals without output before a "still 
 
 EARLY_END_ADVICE: Final = {
     "timeout": "it ran out of time ({timeout}) and was ended with everything it started. Give a "
-    "larger `timeout` (at most {max_timeout}), or run it detached: "
-    "`setsid cmd >/tmp/cmd.log 2>&1 </dev/null &`, then read the log.",
+    "larger `timeout` (at most {max_timeout}), or split the work into steps that each end in time.",
     "idle_timeout": "it printed nothing for too long (the proxy's --idle-timeout) and was ended. "
-    "Make it print progress, or run it detached and poll its log.",
+    "Make it print progress (a verbose flag, say), or give it the input it may be waiting for "
+    "(`stdin`).",
     "output_limit": "it printed more than the proxy's output cap (--max-output-bytes) and was ended. "
     "Redirect the output to a file (`cmd >/tmp/out.log 2>&1`) and read parts of it.",
     "shutdown": "the proxy is shutting down and ended it. Retry in a few seconds.",
@@ -78,6 +78,11 @@ def _exit_line(event: ExitEvent) -> str:
     return f"exit code: none (ended: {event.reason})"
 
 
+def _could_not_start(event: ExitEvent) -> bool:
+    """The program is missing (127) or not executable (126): ``argv`` has no shell to say so."""
+    return event.reason == "error" and event.exit_code in (126, 127)
+
+
 def _early_end_message(event: ExitEvent, start: StartEvent, options: ToolOptions) -> str:
     advice = EARLY_END_ADVICE.get(event.reason, "it was ended early.").format(
         timeout=_seconds(start.timeout, "its timeout"),
@@ -91,11 +96,15 @@ def exit_outcome(
     event: ExitEvent, digest: OutputDigest, start: StartEvent | None, options: ToolOptions
 ) -> ToolOutcome:
     """The result for a command that ran: output, maybe an explanation, then the exit code line."""
+    early = event.reason != "exited"
+    if early and start is not None and _could_not_start(event):
+        # As a shell would say it: the message on stderr and its status, not an early end.
+        digest.feed("stderr", f"{event.message or 'cannot run the program'}\n".encode(), final=True)
+        early = False
     digest.finish()
     text = digest.text()
     if text and not text.endswith("\n"):
         text += "\n"
-    early = event.reason != "exited"
     if early and start is None:
         # Ended while waiting for the workspace: nothing ran.
         text += (

@@ -1,6 +1,6 @@
 """``/mcp`` on the exec listener: the SDK's Streamable HTTP session manager, in this event loop.
 
-The SDK costs about a third of a second and 30 MB to import (BENCHMARKS.md), so it is loaded on
+Its server side costs about a third of a second and 15 MB to import (BENCHMARKS.md), so it is loaded on
 the first ``/mcp`` request, off the event loop, and a proxy that never sees an MCP client never
 pays for it. The session manager then runs in a task of its own until the app shuts down
 (``on_shutdown``, before aiohttp waits for open requests, so open MCP streams do not hold
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
@@ -25,15 +24,18 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..errors import NotReady
-from ..keys import AUTH_TOKEN
+from ..keys import AUTH_TOKEN, METRICS
 from ..settings import Settings
 from .arguments import ToolOptions
 from .asgi_bridge import EXCHANGE_CLOSED, AsgiApp, serve_asgi
+from .refusals import McpRefusals
+from .sdk import import_server_side
 from .target import ExecApiTarget
 
 log = logging.getLogger(__name__)
 # On shutdown the drain has already ended every exec; POSTs get this long to deliver their results.
 RESULT_GRACE: Final = 5.0
+SDK_SESSION_LOGGER: Final = "mcp.server.streamable_http_manager"
 
 
 def exec_api_url(request: web.Request) -> str:
@@ -49,10 +51,8 @@ def exec_api_url(request: web.Request) -> str:
 
 
 def _import_sdk() -> tuple[ModuleType, ModuleType]:
-    return (
-        importlib.import_module("session_proxy.mcp.tools"),
-        importlib.import_module("mcp.server.streamable_http_manager"),
-    )
+    tools, manager = import_server_side("session_proxy.mcp.tools", "mcp.server.streamable_http_manager")
+    return tools, manager
 
 
 class ExchangesInFlight:
@@ -90,6 +90,9 @@ class McpEndpoint:
             max_timeout=settings.max_timeout,
         )
         self._max_body_bytes = settings.max_body_bytes
+        self._max_sessions = settings.mcp_max_sessions
+        self._session_idle = settings.mcp_session_idle
+        self._session_log = SessionLogAtDebug()
         self._asgi: AsgiApp | None = None
         self._target: ExecApiTarget | None = None
         self._manager_task: asyncio.Task[None] | None = None
@@ -104,27 +107,42 @@ class McpEndpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self._stop.is_set():
             raise NotReady("the proxy is shutting down", retry_after=5, code="shutting_down")
-        asgi = self._asgi or await self._start(request)
+        app = McpRefusals(
+            self._asgi or await self._start(request),
+            metrics=request.app[METRICS],
+            max_body_bytes=self._max_body_bytes,
+            max_sessions=self._max_sessions,
+            stream_limit=self._session_idle,
+        )
         if request.method != "POST":
-            return await serve_asgi(asgi, request)  # a GET stream lasts as long as its session
+            return await serve_asgi(app, request)  # a GET stream: until the client or stream_limit ends it
         with self._posts.track():
-            return await serve_asgi(asgi, request)
+            return await serve_asgi(app, request)
 
     async def _start(self, request: web.Request) -> AsgiApp:
         async with self._starting:
             if self._asgi is not None:
                 return self._asgi
             tools, manager_module = await asyncio.to_thread(_import_sdk)
-            self._target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
-            server = tools.build_server(self._target, self._options, exchange_closed=_exchange_closed)
-            manager = manager_module.StreamableHTTPSessionManager(
-                app=server,
-                security_settings=None,  # the app's own guards check Host, Origin and the token
-                max_request_body_size=self._max_body_bytes,
-            )
-            started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._manager_task = asyncio.create_task(self._run(manager, started), name="mcp-session-manager")
-            await started
+            logging.getLogger(SDK_SESSION_LOGGER).addFilter(self._session_log)
+            target = ExecApiTarget(exec_api_url(request), token=request.app[AUTH_TOKEN] or None)
+            try:
+                server = tools.build_server(target, self._options, exchange_closed=_exchange_closed)
+                manager = manager_module.StreamableHTTPSessionManager(
+                    app=server,
+                    security_settings=None,  # the app's own guards check Host, Origin and the token
+                    max_request_body_size=self._max_body_bytes,
+                    max_sessions=self._max_sessions,
+                    session_idle_timeout=self._session_idle,
+                )
+                started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                task = asyncio.create_task(self._run(manager, started), name="mcp-session-manager")
+                self._manager_task = task
+                await started
+            except BaseException:
+                await target.close()  # a failed start leaves no client behind
+                raise
+            self._target = target
             self._asgi = manager.handle_request
             log.info("mcp endpoint ready")
             return self._asgi
@@ -150,6 +168,18 @@ class McpEndpoint:
         if self._target is not None:
             await self._target.close()
             self._target = None
+        logging.getLogger(SDK_SESSION_LOGGER).removeFilter(self._session_log)
+
+
+class SessionLogAtDebug(logging.Filter):
+    """The SDK logs every session's id at info (opened, expired, unknown): per-session detail a
+    client can drive, demoted to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def _exchange_closed(ctx: Any) -> asyncio.Event | None:

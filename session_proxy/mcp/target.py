@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from ..client import ExecClient, ExecEvents, ProxyRefused, ProxyUnreachable
+from ..client import ExecClient, ExecEvents, ProxyProtocolError, ProxyRefused, ProxyUnreachable
 
 USER_AGENT = "session-proxy-mcp"
+GET_TIMEOUT = 30.0
 
 
 class ToolTarget(Protocol):
@@ -39,12 +40,17 @@ class ToolTarget(Protocol):
 
 
 class ExecApiTarget:
-    """A proxy's exec API at ``url`` (``http://host:port`` or ``unix:/path``)."""
+    """A proxy's exec API at ``url`` (``http://host:port`` or ``unix:/path``).
+
+    ``status`` and ``logs`` share one HTTP session (and its kept-alive connections), opened on
+    first use and closed with the target.
+    """
 
     def __init__(self, url: str, *, token: str | None) -> None:
         self.url = url
         self._token = token
         self._client = ExecClient(url, token=token)
+        self._session: aiohttp.ClientSession | None = None
 
     def exec(
         self,
@@ -64,30 +70,49 @@ class ExecApiTarget:
     async def logs(self, tail: int) -> str:
         return await self._get("/logs", {"tail": str(tail)})
 
+    async def exec_limits(self) -> tuple[float | None, float | None]:
+        """The proxy's default and maximum timeout, from its OpenAPI document."""
+        document = json.loads(await self._get("/openapi.json", {}))
+        timeout = document["components"]["schemas"]["ExecRequest"]["properties"]["timeout"]
+        return timeout.get("default"), timeout["anyOf"][0].get("maximum")
+
     async def close(self) -> None:
         await self._client.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> tuple[aiohttp.ClientSession, str]:
+        """The shared session and the base URL to put paths on."""
+        base = self.url
+        connector: aiohttp.BaseConnector | None = None
+        if base.startswith("unix:"):
+            base = "http://localhost"
+            if self._session is None:
+                connector = aiohttp.UnixConnector(path=self.url.removeprefix("unix:"))
+        if self._session is None:
+            headers = {"User-Agent": USER_AGENT}
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
+            timeout = aiohttp.ClientTimeout(total=GET_TIMEOUT)
+            self._session = aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
+        return self._session, base.rstrip("/")
 
     async def _get(self, path: str, query: dict[str, str]) -> str:
-        connector: aiohttp.BaseConnector | None = None
-        base = self.url
-        if base.startswith("unix:"):
-            connector = aiohttp.UnixConnector(path=base.removeprefix("unix:"))
-            base = "http://localhost"
-        headers = {"User-Agent": USER_AGENT}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        timeout = aiohttp.ClientTimeout(total=30)
+        session, base = self._http()
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session,
-                session.get(base.rstrip("/") + path, params=query) as response,
-            ):
+            async with session.get(base + path, params=query) as response:
                 text = await response.text()
                 if response.status != 200:
                     raise _refusal(response.status, text)
                 return text
         except aiohttp.ClientConnectorError as error:
             raise ProxyUnreachable(f"cannot reach session-proxy at {self.url}: {error}") from error
+        except TimeoutError as error:
+            message = f"session-proxy at {self.url} did not answer within {GET_TIMEOUT:g} s"
+            raise ProxyUnreachable(message) from error
+        except aiohttp.ClientError as error:
+            raise ProxyProtocolError(f"session-proxy at {self.url} broke off its answer: {error}") from error
 
 
 def _refusal(status: int, text: str) -> ProxyRefused:

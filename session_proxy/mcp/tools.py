@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, get_args
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from pydantic import ValidationError
 
@@ -22,6 +24,7 @@ from ..client import ProxyClientError, ProxyRefused
 from ..models import ExitReason, StatusResponse
 from .arguments import ExecArguments, LogsArguments, ToolOptions
 from .exec_tool import ProgressReporter, ToolOutcome, refusal_message, run_exec
+from .log_notices import LogNotices
 from .target import ToolTarget
 
 # How a transport tells a call that nobody will read its result (the HTTP request is gone).
@@ -35,7 +38,12 @@ INSTRUCTIONS: Final = (
 READ_ONLY: Final = types.ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
+EXEC_INPUT_DESCRIPTION: Final = (
+    "Give exactly one of `command` (a shell command line) or `argv` (a program and its "
+    "arguments, run without a shell); everything else is optional."
+)
 EXEC_OUTPUT_SCHEMA: Final = {
+    "title": "exec result",
     "type": "object",
     "properties": {
         "exit_code": {"type": ["integer", "null"], "description": "null when the command did not exit"},
@@ -63,15 +71,19 @@ def exec_description(options: ToolOptions) -> str:
         f"{workdir}). Timeout: {_limit(options.default_timeout, 'default')}, "
         f"{_limit(options.max_timeout, 'at most')}; when it runs out the command and every "
         "process it started are ended. Background processes end with the command unless "
-        "detached: `setsid server >/tmp/server.log 2>&1 </dev/null &`. stdout and stderr come back "
-        f"interleaved; beyond {options.max_output_chars} characters the middle is cut (the byte "
-        "counts stay exact), so send long output to a file and read parts of it. A non-zero exit "
-        "code is a normal result, not an error; the last line of the text says the exit code."
+        "detached: `setsid server >/tmp/server.log 2>&1 </dev/null &` (no timeout or kill reaches "
+        "it then: stop it yourself when done). stdout and stderr come back interleaved a line at a "
+        "time, each stderr line starting with `[stderr] `; beyond "
+        f"{options.max_output_chars} characters the middle is cut between lines (the byte counts "
+        "stay exact), so send long output to a file and read parts of it. A non-zero exit code is "
+        "a normal result, not an error; the last line of the text says the exit code."
     )
 
 
 def tool_list(options: ToolOptions) -> list[types.Tool]:
     exec_schema = ExecArguments.model_json_schema()
+    # Said in words: clients and model APIs refuse oneOf/anyOf at the top of an input schema.
+    exec_schema.update(title="exec arguments", description=EXEC_INPUT_DESCRIPTION)
     if options.max_timeout is not None:
         exec_schema["properties"]["timeout"]["anyOf"][0]["maximum"] = options.max_timeout
     return [
@@ -101,7 +113,8 @@ def tool_list(options: ToolOptions) -> list[types.Tool]:
             title="Workspace container log",
             description="The last `tail` lines of the workspace container's own log (what its main "
             "process printed, not the output of `exec` commands); useful when the workspace "
-            "restarts or fails to start. Kubernetes only.",
+            "restarts or fails to start. Only the Kubernetes backend has one: on the local backend "
+            "it says so.",
             input_schema=LogsArguments.model_json_schema(),
             annotations=READ_ONLY,
         ),
@@ -149,6 +162,7 @@ class ToolCalls:
         self._target = target
         self._options = options
         self._exchange_closed = exchange_closed
+        self.notices = LogNotices()
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -188,6 +202,9 @@ class ToolCalls:
             async def report(progress: float, message: str) -> None:
                 await ctx.session.report_progress(progress, None, message)
 
+        else:
+            report = self.notices.reporter(ctx)  # no progress token: log messages, where allowed
+
         call = run_exec(self._target, arguments, self._options, report)
         closed = self._exchange_closed(ctx) if self._exchange_closed else None
         if closed is None:
@@ -208,7 +225,12 @@ class ToolCalls:
             text = await self._target.logs(arguments.tail)
         except ProxyRefused as error:
             if error.status == 404:
-                return ToolOutcome(f"no workspace log here: {error.message}", is_error=True)
+                return ToolOutcome(
+                    "There is no workspace container log here: commands run as local processes "
+                    "(the local backend), and only the Kubernetes backend has a container log. "
+                    f"Read log files with `exec` instead. (The proxy said: {error.message}.)",
+                    is_error=True,
+                )
             return ToolOutcome(refusal_message(error), is_error=True)
         except ProxyClientError as error:
             return ToolOutcome(f"cannot get the log: {error}", is_error=True)
@@ -239,11 +261,15 @@ def build_server(
     exchange_closed: ExchangeClosed | None = None,
 ) -> Server[Any]:
     calls = ToolCalls(target, options, exchange_closed)
-    return Server(
-        "session-proxy",
-        version=__version__,
-        title="session-proxy workspace",
-        instructions=INSTRUCTIONS,
-        on_list_tools=calls.list_tools,
-        on_call_tool=calls.call_tool,
-    )
+    with warnings.catch_warnings():
+        # Deprecated from 2026-07-28, and still how the handshake versions let a server log.
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return Server(
+            "session-proxy",
+            version=__version__,
+            title="session-proxy workspace",
+            instructions=INSTRUCTIONS,
+            on_list_tools=calls.list_tools,
+            on_call_tool=calls.call_tool,
+            on_set_logging_level=calls.notices.set_level,
+        )

@@ -1,10 +1,11 @@
-"""The only module that talks to the Kubernetes API, and the only importer of kubernetes_asyncio.
+"""The only module that talks to the Kubernetes API.
 
-kubernetes_asyncio supplies the configuration (in-cluster or kubeconfig) and the TLS-configured
-HTTP session; requests are made here so that the token is under our control (see
+Where the server is and what to show it comes from ``credentials.InClusterAccess`` in a pod
+(standard library and aiohttp only) or ``kubeconfig.KubeconfigAccess`` (kubernetes-asyncio,
+imported only then). Requests are made here so that the token is under our control (see
 ``credentials.TokenFile``: kubernetes_asyncio itself never re-reads on 401). Failures become the
 typed errors of ``api_errors``, with the server's text capped and never the token. The exec
-WebSocket's channel protocol lives in ``ExecStream`` below.
+WebSocket's channel protocol lives in ``ExecStream``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
-from kubernetes_asyncio import client as kube_client
-from kubernetes_asyncio import config as kube_config
 
 from ...settings import Settings
-from .api_errors import ConfigurationError, KubeError, Unavailable, error_from_body, handshake_error
-from .credentials import TokenFile, in_cluster_host
+from .api_errors import KubeError, Unavailable, error_from_body, handshake_error
+from .credentials import ApiAccess, InClusterAccess
 from .exec_stream import V4, V5, ExecStream
 
 log = logging.getLogger(__name__)
@@ -48,61 +47,42 @@ class KubeApi:
         self._settings = settings
         self._on_error = on_error
         self._on_latency = on_latency
-        self._configuration: kube_client.Configuration | None = None
-        self._api_client: kube_client.ApiClient | None = None
-        self._token_file: TokenFile | None = None
+        self._access: ApiAccess | None = None
 
     async def open(self) -> None:
-        configuration = kube_client.Configuration()
-        if self._settings.kubeconfig:
-            try:
-                await kube_config.load_kube_config(
-                    config_file=self._settings.kubeconfig, client_configuration=configuration
-                )
-            except (OSError, kube_config.ConfigException) as error:
-                raise ConfigurationError(f"kubeconfig {self._settings.kubeconfig}: {error}") from None
-        else:
-            configuration.host = in_cluster_host()
-            configuration.ssl_ca_cert = self._settings.ca_file
-            self._token_file = TokenFile(self._settings.token_file)
-            self._token_file.current()
-        # Every exec holds a connection for its whole life: size the pool for all of them.
         settings = self._settings
-        configuration.connection_pool_maxsize = settings.max_concurrent * 3 + settings.warm_execs + 10
-        self._configuration = configuration
-        try:
-            self._api_client = kube_client.ApiClient(configuration)
-        except (OSError, ValueError) as error:
-            raise ConfigurationError(f"cannot set up TLS to the API server: {error}") from None
+        # Every exec holds a connection for its whole life: size the pool for all of them.
+        pool_size = settings.max_concurrent * 3 + settings.warm_execs + 10
+        if settings.kubeconfig:
+            from .kubeconfig import KubeconfigAccess  # loads kubernetes-asyncio: only for a kubeconfig
+
+            self._access = await KubeconfigAccess.open(settings.kubeconfig, pool_size)
+        else:
+            self._access = InClusterAccess.open(settings.token_file, settings.ca_file, pool_size)
 
     async def close(self) -> None:
-        if self._api_client is not None:
-            await self._api_client.close()
+        if self._access is not None:
+            await self._access.close()
+
+    @property
+    def _opened(self) -> ApiAccess:
+        assert self._access is not None, "KubeApi.open() first"
+        return self._access
 
     @property
     def host(self) -> str:
-        assert self._configuration is not None
-        return str(self._configuration.host).rstrip("/")
+        return self._opened.host
 
     @property
     def _session(self) -> aiohttp.ClientSession:
-        assert self._api_client is not None
-        session: aiohttp.ClientSession = self._api_client.rest_client.pool_manager
-        return session
+        return self._opened.session
 
     async def _authorization(self) -> dict[str, str]:
-        if self._token_file is not None:
-            return {"Authorization": f"Bearer {self._token_file.current()}"}
-        assert self._configuration is not None
-        value = await self._configuration.get_api_key_with_prefix("BearerToken")
-        return {"Authorization": value} if value else {}
+        return await self._opened.authorization()
 
     def _reread_token_after_401(self) -> bool:
-        """Expire the cached token so the retry reads the file; False if there is no file."""
-        if self._token_file is None:
-            return False
-        self._token_file.expire()
-        return True
+        """Make the retry read the token anew; False if there is nothing to re-read."""
+        return self._opened.reread_token()
 
     async def get_json(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any]:
         text, _ = await self.get_text(path, query)

@@ -44,7 +44,7 @@ class KubernetesBackend:
         self._metrics = metrics
         self._api = KubeApi(settings, self._count_error, metrics.observe_kubernetes_api)
         self._locator = WorkspaceLocator(self._api, settings)
-        self._tools: dict[str, ImageTools] = {}
+        self._tools: dict[tuple[str, str], ImageTools] = {}  # by pod uid and container image
         self._pool: WarmPool | None = None
 
     def _count_error(self, kind: str) -> None:
@@ -126,7 +126,7 @@ class KubernetesBackend:
         return SupervisedExecution(
             stream,
             target=target,
-            guarantees=self._tools[workspace.uid].guarantees,
+            guarantees=self._tools[_image_key(workspace)].guarantees,
             nonce=nonce,
             explain_lost_stream=lambda lost: self._explain_lost_stream(workspace, lost),
             stdin=stdin,
@@ -153,7 +153,7 @@ class KubernetesBackend:
         """Open the constant wrapper (or supervisor) exec for the pool; its header comes with a
         request."""
         argv = [SHELL, "-c", WRAPPER_SCRIPT]
-        if self._tools[workspace.uid].supervisor:
+        if self._tools[_image_key(workspace)].supervisor:
             argv = [self._settings.workspace_supervisor]
         url = self._api.exec_url(workspace.namespace, workspace.name, workspace.container, argv, stdin=True)
         try:
@@ -234,7 +234,7 @@ class KubernetesBackend:
         return bytes(output), stream.status
 
     async def _image_tools(self, workspace: Workspace, spec: ExecSpec) -> ImageTools:
-        cached = self._tools.get(workspace.uid)
+        cached = self._tools.get(_image_key(workspace))
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
@@ -255,7 +255,7 @@ class KubernetesBackend:
                 "workspace image lacks tools",
                 extra={"pod": workspace.name, "missing": tools.missing or ["sh"]},
             )
-        self._tools[workspace.uid] = tools
+        self._tools[_image_key(workspace)] = tools
         return tools
 
     async def _probe(self, workspace: Workspace, exec_id: str) -> ImageTools | Inconclusive:
@@ -289,7 +289,8 @@ class KubernetesBackend:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} was deleted")
         if pod.get("status") and assess(pod, self._settings).terminating:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} is terminating")
-        if status is not None and self._tools.get(workspace.uid, ImageTools(True, ())).wrapped is False:
+        tools = self._tools.get(_image_key(workspace), ImageTools(True, ()))
+        if status is not None and tools.wrapped is False:
             return status  # a bare exec: the stream's own status is all there is
         return ExitStatus(
             None, reason="transport_lost", message=_lost_message(stream, status, self._settings)
@@ -342,3 +343,9 @@ def _lost_message(stream: ExecStream, status: ExitStatus | None, settings: Setti
         return "the API server sent a WebSocket frame over the size limit"
     detail = f" (its status said exit code {status.exit_code})" if status and status.exit_code else ""
     return "the exec stream ended before the command reported its exit" + detail
+
+
+def _image_key(workspace: Workspace) -> tuple[str, str]:
+    """What an image probe holds for: this pod's container running this image (``kubectl set
+    image`` keeps the pod and its uid, and restarts the container on another image)."""
+    return workspace.uid, workspace.image

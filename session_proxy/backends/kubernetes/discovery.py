@@ -1,9 +1,14 @@
 """Finding the session's workspace pod, and deciding whether it may be used.
 
 The caller never names a pod: the target is the one pod in our namespace that matches the
-configured selector, is Running and Ready, is not being deleted, has the target container
-running and, when an owner is configured, is owned by it. The answer is cached briefly; a
-deleted and re-created pod is found again on the next look.
+configured selector (and, when the pod's name is configured, has that name), is Running and
+Ready, is not being deleted, has the target container running and, when an owner is
+configured, is owned by it. The answer is cached briefly; a deleted and re-created pod is
+found again on the next look.
+
+With the name configured, every list and watch names the pod by a ``metadata.name`` field
+selector: that is how the API server lets a Role that grants list and watch only on
+``resourceNames: [<pod>]`` through, so a session's token can see no other pod.
 """
 
 from __future__ import annotations
@@ -133,15 +138,25 @@ def assess(pod: dict[str, Any], settings: Settings) -> Workspace:
     )
 
 
+def pod_query(settings: Settings) -> dict[str, str]:
+    """The list and watch parameters that select the workspace pod: its labels and, when it is
+    named, its name (what a Role with resourceNames needs to allow a list or a watch)."""
+    query = {}
+    if selector := settings.effective_workspace_selector:
+        query["labelSelector"] = selector
+    if settings.workspace_pod:
+        query["fieldSelector"] = f"metadata.name={settings.workspace_pod}"
+    return query
+
+
 class WorkspaceLocator:
     def __init__(self, api: KubeApi, settings: Settings) -> None:
         self._api = api
         self._settings = settings
         self._namespace = settings.namespace or "default"
-        selector = settings.effective_workspace_selector
-        if not selector:
-            raise ValueError("workspace_selector: set it, or SESSION_NAME to derive it")
-        self._selector = selector
+        self._query = pod_query(settings)
+        if not self._query:
+            raise ValueError("workspace_selector: set it, --workspace-pod, or SESSION_NAME to derive it")
         self._cached: Workspace | None = None
         self._cached_at = 0.0
 
@@ -154,7 +169,7 @@ class WorkspaceLocator:
 
     async def _list(self) -> tuple[dict[str, Workspace], str]:
         """The matching pods by uid, and the resourceVersion to watch them from."""
-        document = await self._api.get_json(self._pods_path, {"labelSelector": self._selector})
+        document = await self._api.get_json(self._pods_path, self._query)
         pods = [assess(pod, self._settings) for pod in document.get("items") or []]
         version = str((document.get("metadata") or {}).get("resourceVersion") or "")
         return {pod.uid: pod for pod in pods}, version
@@ -200,7 +215,7 @@ class WorkspaceLocator:
         time ``until``; the version to go on from, or "" when the pods must be listed again."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        query = {"labelSelector": self._selector, "resourceVersion": version, "allowWatchBookmarks": "true"}
+        query = {**self._query, "resourceVersion": version, "allowWatchBookmarks": "true"}
         try:
             async with asyncio.timeout_at(until):
                 watch = self._api.watch(self._pods_path, query, until - started)
@@ -241,7 +256,8 @@ class WorkspaceLocator:
 
     def choose(self, candidates: list[Workspace]) -> Workspace | WorkspaceProblem:
         """The one usable pod among the candidates, or what is wrong with them."""
-        where = f"selector {self._selector!r} in namespace {self._namespace}"
+        wanted = " and ".join(f"{key} {value!r}" for key, value in self._query.items())
+        where = f"{wanted} in namespace {self._namespace}"
         owned = [c for c in candidates if not c.wrong_owner]
         if candidates and not owned:
             return WorkspaceProblem(
