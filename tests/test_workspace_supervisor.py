@@ -242,7 +242,7 @@ def test_streams_released_at_the_markers_while_leftovers_are_ended(
     """After a normal exit with a leftover (which does not hold the output), the supervisor
     says ``left:1`` and lets go of the output streams at once, though it still waits (here for
     a long grace) to end the leftover; it exits once that is gone."""
-    script = f"trap '' TERM; setsid sleep {marker} >/dev/null 2>&1 </dev/null & exit 3"
+    script = f"trap '' TERM; sleep {marker} >/dev/null 2>&1 </dev/null & exit 3"  # in the session
     process, nonce = start(binary, ["sh", "-c", script], grace=120.0)
     assert process.stdout is not None
     assert process.stderr is not None
