@@ -75,20 +75,21 @@ out=$(exec_json '{"command":["sh","-c","echo hello; exit 3"]}')
 echo "$out"
 grep -q '"data":"hello\\n"' <<<"$out"
 grep -q '"exit_code":3' <<<"$out"
+grep -q '"runner":"supervisor"' <<<"$out"  # the init container delivered the supervisor
 
 echo "2. stdin, workdir and env arrive"
 # shellcheck disable=SC2016  # $PWD and $X are for the workspace's shell, not this one
 out=$(exec_json '{"command":["sh","-c","printf %s:%s: \"$PWD\" \"$X\"; cat"],"workdir":"/tmp","env":{"X":"y"},"stdin":"in"}')
 grep -q '/tmp:y:in' <<<"$out" || { echo "$out"; exit 1; }
 
-echo "3. a timeout kills the whole group"
-out=$(exec_json '{"command":["sh","-c","sleep 300 & sleep 300"],"timeout":2}')
+echo "3. a timeout kills the whole group, and a child that left it (setsid, a double fork)"
+out=$(exec_json '{"command":["sh","-c","(setsid sleep 301 >/dev/null 2>&1 &); sleep 300 & sleep 300"],"timeout":2}')
 grep -q '"reason":"timeout"' <<<"$out"
 for _ in $(seq 20); do
-  kubectl exec -n "$namespace" workspace-demo -- ps | grep -q 'sleep 300' || break
+  kubectl exec -n "$namespace" workspace-demo -- ps | grep -q 'sleep 30[01]' || break
   sleep 1
 done
-if kubectl exec -n "$namespace" workspace-demo -- ps | grep -q 'sleep 300'; then
+if kubectl exec -n "$namespace" workspace-demo -- ps | grep -q 'sleep 30[01]'; then
   echo "processes left behind"; exit 1
 fi
 

@@ -194,6 +194,10 @@ class Guarantees(BaseModel):
     env: bool
     stdin: bool
     kill: bool
+    runner: Literal["supervisor", "shell", "none", "local"] = Field(
+        description="what runs the command: the workspace supervisor, the shell wrapper, nothing "
+        "(a bare exec), or the local backend"
+    )
 
 
 class StartEvent(BaseModel):

@@ -126,6 +126,11 @@ class Settings(BaseModel):
         "selector), as a Role pinned to it by resourceNames requires",
     )
     workspace_container: str = Field("workspace", min_length=1, description="container to exec into")
+    workspace_supervisor: str = Field(
+        "/session-proxy/workspace-supervisor",
+        pattern=r"^(/[A-Za-z0-9._-]+)*$",
+        description="where the workspace pod carries the workspace supervisor; empty: never use it",
+    )
     workspace_wait: float = Field(
         60, ge=0, description="seconds a request waits for a starting workspace pod before 503"
     )

@@ -277,12 +277,29 @@ class KubeSetup:
     proxy: RunningProxy
     pod: Any  # FakePod
     path: str = "cold"  # "warm": requests are meant to start on pre-opened execs
+    runner: str = "shell"  # "supervisor": the pod carries the workspace supervisor
 
 
 @pytest.fixture(params=["cold", "warm"])
 def exec_path(request: pytest.FixtureRequest) -> str:
     """Kubernetes exec tests run on a new exec per command (cold) and on a warm pool's (warm)."""
     return str(request.param)
+
+
+@pytest.fixture(params=["supervisor", "shell"])
+def runner(request: pytest.FixtureRequest) -> str:
+    """Kubernetes exec tests run in a pod that carries the workspace supervisor and in one that
+    does not (the shell wrapper runs commands there)."""
+    return str(request.param)
+
+
+def runner_settings(runner: str, tmp_path: Path) -> dict[str, Any]:
+    """The proxy settings for a runner: the supervisor's path, where the "pod" (the test server
+    runs real local processes) has the built binary, or a path where it has nothing."""
+    from .supervisor_build import supervisor_binary
+
+    where = supervisor_binary() if runner == "supervisor" else tmp_path / "no-supervisor-here"
+    return {"workspace_supervisor": str(where)}
 
 
 def path_settings(exec_path: str) -> dict[str, Any]:
@@ -331,14 +348,16 @@ async def fresh_setup(
 ) -> KubeSetup:
     """A new proxy on the same pod and path, for tests that change the image first (its tools
     are probed, and warm execs opened, with what the image has now)."""
-    proxy = await kube_proxy(setup.api, make_proxy, tmp_path, workspace_wait=3, **path_settings(setup.path))
+    settings = {**path_settings(setup.path), **runner_settings(setup.runner, tmp_path)}
+    proxy = await kube_proxy(setup.api, make_proxy, tmp_path, workspace_wait=3, **settings)
     await prewarm(http, proxy, setup.path)
-    return KubeSetup(setup.api, proxy, setup.pod, setup.path)
+    return KubeSetup(setup.api, proxy, setup.pod, setup.path, setup.runner)
 
 
 def check_path(setup: KubeSetup, events: list[dict[str, Any]]) -> None:
     start = next(e for e in events if e["type"] == "start")
     assert start["warm"] is (setup.path == "warm"), start
+    assert start["guarantees"]["runner"] == setup.runner, start
     own_agent = f"exec_id={start['exec_id']}"  # its probe and kill execs say "-probe", "-kill"
     mine = [r for r in setup.api.exec_requests() if r.headers.get("User-Agent", "").endswith(own_agent)]
     assert len(mine) == (0 if setup.path == "warm" else 1), [r.headers.get("User-Agent") for r in mine]
@@ -371,11 +390,13 @@ async def kube_proxy(kube: Any, make_proxy: ProxyFactory, tmp_path: Path, **over
 
 @pytest.fixture
 async def kube_setup(
-    kube: Any, make_proxy: ProxyFactory, tmp_path: Path, exec_path: str, http: aiohttp.ClientSession
-) -> KubeSetup:
+    kube: Any, make_proxy: ProxyFactory, tmp_path: Path, exec_path: str, runner: str,
+    http: aiohttp.ClientSession,
+) -> KubeSetup:  # fmt: skip
     """A workspace pod on the API test server, and a proxy on the kubernetes backend, on the
-    cold or the warm path (then with its pool already full)."""
+    cold or the warm path (then with its pool already full), under the supervisor or the shell."""
     pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
-    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3, **path_settings(exec_path))
+    settings = {**path_settings(exec_path), **runner_settings(runner, tmp_path)}
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, workspace_wait=3, **settings)
     await prewarm(http, proxy, exec_path)
-    return KubeSetup(kube, proxy, pod, exec_path)
+    return KubeSetup(kube, proxy, pod, exec_path, runner)

@@ -124,4 +124,6 @@ async def test_inconclusive_probe_is_not_cached(
     assert (status, body["error"]["code"]) == (502, "backend_error")
     assert "without a status" in body["error"]["message"]
     events = await exec_events(http, proxy, {"command": ["echo", "hi"]})
-    assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": False}
+    assert events[0]["guarantees"] == {
+        "workdir": True, "env": True, "stdin": True, "kill": False, "runner": "shell"
+    }  # fmt: skip

@@ -32,7 +32,9 @@ async def test_streams_and_exit_code(http: aiohttp.ClientSession, kube_setup: Ku
     events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo out; echo err >&2; exit 42"]})
     assert events[0]["type"] == "start"
     assert events[0]["target"] == "default/ws-1/workspace"
-    assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": True}
+    assert events[0]["guarantees"] == {
+        "workdir": True, "env": True, "stdin": True, "kill": True, "runner": kube_setup.runner
+    }  # fmt: skip
     assert output_of(events, "stdout") == b"out\n"
     assert output_of(events, "stderr") == b"err\n"
     assert final(events)["exit_code"] == 42
@@ -187,6 +189,7 @@ async def test_workdir_that_does_not_exist(http: aiohttp.ClientSession, kube_set
     assert "workdir" in final(events)["message"]
 
 
+@pytest.mark.parametrize("runner", ["shell"])  # a proxy of its own: the pod has neither
 async def test_image_without_shell_runs_bare_argv(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -195,11 +198,13 @@ async def test_image_without_shell_runs_bare_argv(
     kube_setup.pod.shell = "/nonexistent/sh"
     opened_before = _warm_opens(kube_setup)
     proxy = await kube_proxy(kube_setup.api, make_proxy, tmp_path, warm_execs=2)
-    kube_setup = KubeSetup(kube_setup.api, proxy, kube_setup.pod, "cold")
+    kube_setup = KubeSetup(kube_setup.api, proxy, kube_setup.pod, "cold", "none")
     for _ in range(2):
         events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo bare; exit 4"]})
     assert _warm_opens(kube_setup) == opened_before
-    assert events[0]["guarantees"] == {"workdir": False, "env": False, "stdin": False, "kill": False}
+    assert events[0]["guarantees"] == {
+        "workdir": False, "env": False, "stdin": False, "kill": False, "runner": "none"
+    }  # fmt: skip
     assert output_of(events, "stdout") == b"bare\n"
     assert final(events)["exit_code"] == 4
     async with http.post(
@@ -293,12 +298,16 @@ async def test_stderr_ending_like_a_marker_start_is_kept(
 async def test_image_without_setsid_degrades_and_says_so(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, tmp_path: Path, marker: str, make_proxy: ProxyFactory
 ) -> None:
-    """An image with a shell but no setsid still runs commands; the start event says kill is
-    not guaranteed, and a timeout still ends the command itself."""
+    """An image with a shell but no setsid still runs commands; under the shell wrapper the
+    start event says kill is not guaranteed (the supervisor needs no setsid), and a timeout
+    still ends the command itself."""
     kube_setup.pod.path = image_without_setsid(tmp_path)
     kube_setup = await fresh_setup(http, kube_setup, make_proxy, tmp_path)
     events = await kube_exec(http, kube_setup, {"command": ["sh", "-c", "echo hi; exit 3"]})
-    assert events[0]["guarantees"] == {"workdir": True, "env": True, "stdin": True, "kill": False}
+    supervised = kube_setup.runner == "supervisor"
+    assert events[0]["guarantees"] == {
+        "workdir": True, "env": True, "stdin": True, "kill": supervised, "runner": kube_setup.runner
+    }  # fmt: skip
     assert output_of(events, "stdout") == b"hi\n"
     assert final(events)["exit_code"] == 3
     events = await kube_exec(http, kube_setup, {"command": ["sleep", marker], "timeout": 1})

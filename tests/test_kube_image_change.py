@@ -13,7 +13,7 @@ from session_proxy.backends.kubernetes.discovery import CACHE_SECONDS
 from .conftest import ProxyFactory, exec_events, final, image_without_setsid, kube_proxy
 
 LABELS = {"session": "s1", "type": "workspace"}
-ALL_TOOLS = {"workdir": True, "env": True, "stdin": True, "kill": True}
+ALL_TOOLS = {"workdir": True, "env": True, "stdin": True, "kill": True, "runner": "shell"}
 
 
 async def test_a_new_image_on_the_same_pod_is_probed_again(

@@ -28,6 +28,7 @@ from .conftest import (
     pod_processes,
     pod_survivors,
     prewarm,
+    runner_settings,
     survivors,
     wait_for_pool,
     wait_for_processes,
@@ -45,13 +46,15 @@ def kill_execs(api: Any, exec_id: str) -> list[Any]:
 async def test_timeout_kills_the_group(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
 ) -> None:
-    """Past the timeout the group is killed through a second exec; reason timeout, and (the
+    """Past the timeout the group is killed, by the shell wrapper through a second exec, by the
+    supervisor on its own stream's request with no second exec; reason timeout, and (the
     early-end rule, as on the local backend) neither the wrapper's 143 nor a signal."""
     events = await kube_exec(http, kube_setup, {"command": forking(marker), "timeout": 1})
     assert final(events)["reason"] == "timeout"
     assert (final(events)["exit_code"], final(events)["signal"]) == (None, None)
     assert await survivors(marker, within=3) == []
-    assert kill_execs(kube_setup.api, events[0]["exec_id"]), "the proxy should kill through a second exec"
+    second_exec = bool(kill_execs(kube_setup.api, events[0]["exec_id"]))
+    assert second_exec is (kube_setup.runner == "shell")
 
 
 @pytest.mark.parametrize("shell", ["dash", "bash", "busybox sh"])
@@ -72,11 +75,31 @@ async def test_term_ignoring_group_gets_kill_from_the_kill_exec(
     assert kill_execs(kube, events[0]["exec_id"])
 
 
+async def test_term_ignoring_group_gets_kill_from_the_supervisor(
+    http: aiohttp.ClientSession, kube: Any, make_proxy: ProxyFactory, tmp_path: Path, marker: str
+) -> None:
+    """Under the supervisor a group that ignores TERM gets KILL after the grace from the end
+    request on the exec's own stream: no second exec, and no dead-man switch (the exec's stdin
+    stays open after the proxy leaves)."""
+    kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    kube.keep_stdin_open = True
+    proxy = await kube_proxy(
+        kube, make_proxy, tmp_path, idle_timeout=1, **runner_settings("supervisor", tmp_path)
+    )
+    body = {"command": forking(marker, "trap '' TERM; "), "timeout": 60}
+    events = await exec_events(http, proxy, body)
+    assert events[0]["guarantees"]["runner"] == "supervisor"
+    assert final(events)["reason"] == "idle_timeout"
+    assert await survivors(marker, within=5) == []
+    assert not kill_execs(kube, events[0]["exec_id"])
+
+
 async def test_dead_man_switch_alone_ends_the_group(
     http: aiohttp.ClientSession, kube_setup: KubeSetup, marker: str
 ) -> None:
     """With every kill exec failing, a client that hangs up still leaves nothing running: the
-    wrapper sees its stdin close and ends the group itself (the backstop is a minute away)."""
+    wrapper (or supervisor) sees its stdin close and ends the group itself (the backstop is a
+    minute away)."""
     kube_setup.api.faults.append(Fault("/exec", status=500, times=-1, user_agent="-kill"))
     response = await http.post(
         f"{kube_setup.proxy.url}/exec", json={"command": forking(marker), "timeout": 60}
@@ -85,6 +108,8 @@ async def test_dead_man_switch_alone_ends_the_group(
     await wait_for_processes(marker, 2)
     response.close()
     assert await survivors(marker, within=20) == []
+    if kube_setup.runner == "supervisor":
+        return  # it makes no kill exec
     # The kill exec is made by the exec's end task, which may still be on its way: the dead-man
     # switch alone can win the race. Wait for it in the request log.
     deadline = asyncio.get_running_loop().time() + 20

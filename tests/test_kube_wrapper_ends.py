@@ -36,7 +36,7 @@ from .conftest import (
 )
 from .kube_api_server import V4, V5, Fault
 
-EVERYTHING = Guarantees(workdir=True, env=True, stdin=True, kill=True)
+EVERYTHING = Guarantees(workdir=True, env=True, stdin=True, kill=True, runner="shell")
 
 
 @pytest.fixture

@@ -144,6 +144,7 @@ async def test_program_is_looked_up_with_the_requests_path(
 
 # Cold only: it changes the image (or faults the next exec) after the pool's execs were opened.
 @pytest.mark.parametrize("exec_path", ["cold"])
+@pytest.mark.parametrize("runner", ["shell"])  # the supervisor exports through no shell
 async def test_an_entry_the_shell_refuses_is_an_error(
     http: aiohttp.ClientSession, kube_setup: KubeSetup
 ) -> None:

@@ -30,7 +30,7 @@ from .local_output import CommandOutput
 from .local_spawner import CommandPipes, LeaderChannel, Spawner
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True)
+ALL_GUARANTEES: Final = Guarantees(workdir=True, env=True, stdin=True, kill=True, runner="local")
 # The leader answers a terminate within grace + its own KILL confirmation (2 s); past this
 # margin it is presumed stuck (stopped, say) and the proxy ends the group itself.
 LEADER_REPLY_MARGIN: Final = 10.0

@@ -23,6 +23,7 @@ from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
 from .exec_stream import STDOUT, ExecStream
 from .execution import KubernetesExecution, explain_exec_failure
 from .image_probe import NO_GUARANTEES, ImageTools, Inconclusive, read_probe
+from .supervised import SupervisedExecution, read_supervisor_probe, supervisor_header
 from .warm_pool import WarmPool, WorkspaceReplaced
 from .wrapper import KILL_SCRIPT, PROBE_SCRIPT, SHELL, WRAPPER_SCRIPT, encode_header, new_nonce
 
@@ -82,6 +83,8 @@ class KubernetesBackend:
             self._refuse_unsupported(spec, tools)
             _check_time(spec, "the image probe finished too late")
             target = f"{workspace.namespace}/{workspace.name}/{workspace.container}"
+            if tools.supervisor:
+                return await self._start_supervised(spec, workspace, target)
             if not tools.has_shell:
                 return await self._start_bare(spec, workspace, target)
             return await self._start_wrapped(spec, workspace, target, tools)
@@ -120,6 +123,30 @@ class KubernetesBackend:
             warm=warm,
         )
 
+    async def _start_supervised(
+        self, spec: ExecSpec, workspace: Workspace, target: str
+    ) -> KubernetesExecution:
+        nonce = new_nonce()
+        now = asyncio.get_running_loop().time()
+        header = supervisor_header(spec, nonce, now=now, grace=self._settings.kill_grace)
+        stdin = spec.stdin or b""
+        stream = await self._take_warm(workspace, header, spec.exec_id)
+        warm = stream is not None
+        if stream is None:
+            argv = [self._settings.workspace_supervisor]
+            stream = await self._open(workspace, argv, spec.exec_id, stdin=True)
+            stdin = header + stdin
+        return SupervisedExecution(
+            stream,
+            target=target,
+            guarantees=self._tools[_image_key(workspace)].guarantees,
+            nonce=nonce,
+            explain_lost_stream=lambda lost: self._explain_lost_stream(workspace, lost),
+            stdin=stdin,
+            program=spec.argv[0],
+            warm=warm,
+        )
+
     async def _take_warm(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:
         """A live warm exec with the header written to it, or None: go cold."""
         if self._pool is None:
@@ -127,11 +154,14 @@ class KubernetesBackend:
         return await self._pool.take(workspace, header, exec_id)
 
     async def _open_warm(self, workspace: Workspace, warm_id: str) -> ExecStream:
-        """Open the constant wrapper exec for the pool; its header comes with a request.
+        """Open the constant wrapper (or supervisor) exec for the pool; its header comes with a
+        request.
 
         The exec is opened by the pod's name: the pod is looked up again afterwards, and if the
         name now holds another pod (another uid), the exec is closed and the pool told so."""
         argv = [SHELL, "-c", WRAPPER_SCRIPT]
+        if self._tools[_image_key(workspace)].supervisor:
+            argv = [self._settings.workspace_supervisor]
         url = self._api.exec_url(workspace.namespace, workspace.name, workspace.container, argv, stdin=True)
         try:
             stream = await self._api.open_exec(url, f"session-proxy/{__version__} warm_exec={warm_id}")
@@ -168,7 +198,7 @@ class KubernetesBackend:
         return None
 
     def _refuse_unsupported(self, spec: ExecSpec, tools: ImageTools) -> None:
-        if tools.has_shell and tools.guarantees.stdin:
+        if tools.supervisor or (tools.has_shell and tools.guarantees.stdin):
             return
         lacking = "no /bin/sh" if not tools.has_shell else f"no {', '.join(tools.missing)}"
         asked = [
@@ -204,10 +234,11 @@ class KubernetesBackend:
             raise refusals.refusal(error, exec_handshake=True) from None
 
     async def _run_small(
-        self, workspace: Workspace, script: str, stdin: bytes, exec_id: str
+        self, workspace: Workspace, script: str | list[str], stdin: bytes, exec_id: str
     ) -> tuple[bytes, ExitStatus | None]:
-        """Run a short fixed script to completion; its stdout (capped) and its status."""
-        stream = await self._open(workspace, [SHELL, "-c", script], exec_id, stdin=bool(stdin))
+        """Run a short fixed script (or argv) to completion; its stdout (capped) and its status."""
+        argv = [SHELL, "-c", script] if isinstance(script, str) else script
+        stream = await self._open(workspace, argv, exec_id, stdin=bool(stdin))
         output = bytearray()
         try:
             if stdin:
@@ -227,23 +258,35 @@ class KubernetesBackend:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(min(spec.deadline, loop.time() + PROBE_TIMEOUT)):
-                output, status = await self._run_small(workspace, PROBE_SCRIPT, b"", f"{spec.exec_id}-probe")
+                tools = await self._probe(workspace, spec.exec_id)
         except TimeoutError:
             if loop.time() >= spec.deadline:
                 raise refusals.out_of_time(spec.timeout, "the image probe had not finished") from None
             raise refusals.probe_failed(f"the probe did not finish within {PROBE_TIMEOUT:g} s") from None
-        tools = read_probe(output, status)
         if isinstance(tools, Inconclusive):
             if tools.container_lost:  # the pod outran discovery
                 self._locator.forget()
                 raise refusals.container_lost(tools.message)
             raise refusals.probe_failed(tools.message)
-        if tools.missing or not tools.has_shell:
+        if not tools.supervisor and (tools.missing or not tools.has_shell):
             log.warning(
                 "workspace image lacks tools",
                 extra={"pod": workspace.name, "missing": tools.missing or ["sh"]},
             )
         self._tools[_image_key(workspace)] = tools
+        return tools
+
+    async def _probe(self, workspace: Workspace, exec_id: str) -> ImageTools | Inconclusive:
+        """The shell probe (which also looks for the supervisor); without /bin/sh, the
+        supervisor's own ``--version``."""
+        where = self._settings.workspace_supervisor
+        argv = [SHELL, "-c", PROBE_SCRIPT, "probe", where]
+        tools = read_probe(*await self._run_small(workspace, argv, b"", f"{exec_id}-probe"))
+        if isinstance(tools, ImageTools) and not tools.has_shell and where:
+            answer = await self._run_small(
+                workspace, [where, "--version"], b"", f"{exec_id}-probe-supervisor"
+            )
+            return read_supervisor_probe(*answer)
         return tools
 
     async def _kill_group(self, workspace: Workspace, pgid: int, grace: float, exec_id: str) -> None:
@@ -265,7 +308,7 @@ class KubernetesBackend:
         if pod.get("status") and assess(pod, self._settings).terminating:
             return ExitStatus(None, reason="pod_gone", message=f"pod {workspace.name} is terminating")
         tools = self._tools.get(_image_key(workspace), ImageTools(True, ()))
-        if status is not None and tools.has_shell is False:
+        if status is not None and tools.wrapped is False:
             return status  # a bare exec: the stream's own status is all there is
         return ExitStatus(
             None, reason="transport_lost", message=_lost_message(stream, status, self._settings)

@@ -172,6 +172,9 @@ class KubernetesExecution:
             # As a shell would say it: 127, the command was not found.
             message = f"program {self._program!r} was not found in the workspace image"
             return ExitStatus(127, reason="error", message=message)
+        if what == "notrunnable":  # found, but exec refused it (permissions, format, E2BIG)
+            message = f"program {self._program!r} could not be run in the workspace"
+            return ExitStatus(126, reason="error", message=message)
         message = WORKDIR_ERROR if what == "workdir" else "the environment could not be set"
         return ExitStatus(None, reason="error", message=message)
 
