@@ -77,7 +77,7 @@ async def test_typescript_sdk(make_proxy: ProxyFactory, tmp_path: Path, marker: 
     )
     assert code == 0, stdout + stderr
     steps = {step["step"]: step for step in map(json.loads, stdout.splitlines())}
-    assert steps["listed"]["tools"] == ["exec", "status", "logs"]
+    assert steps["listed"]["tools"] == ["exec", "status", "logs", "job_output", "job_end"]
     assert steps["exec"]["text"] == "hello from node\nexit code: 0"
     assert steps["exec"]["structured"]["exit_code"] == 0
     assert steps["progress"]["message"] == f"ready-{marker}"

@@ -37,6 +37,10 @@ LEADER_REPLY_MARGIN: Final = 10.0
 START_REPLY_TIMEOUT: Final = 30.0  # the spawner forks a leader, the leader a command: normally ms
 SPAWNER_CHECK: Final = 0.5  # how often a start waiting on the spawner checks it is not stopped
 START_ATTEMPTS: Final = 3  # starts on a new spawner after one that failed before anything ran
+# A start may take this long even past a shorter request timeout: a working spawner starts a
+# command in milliseconds, and the command is then ended by its timeout like any other. Only a
+# spawner slower than that (stopped, starved) turns the request into a 503 that nothing ran.
+START_FLOOR: Final = 0.25
 DESCRIPTORS_RETRY_AFTER: Final = 1.0
 LEADER_GONE: Final = "the command's leader process ended unexpectedly; its exit status is unknown"
 
@@ -218,11 +222,12 @@ class LocalBackend:
         """Start the command; a spawner that ended or got stuck before any leader took the
         request (so nothing ran) is replaced and the start tried again."""
         cwd = spec.workdir or str(self._root)
+        start_by = max(spec.deadline, asyncio.get_running_loop().time() + START_FLOOR)
         attempts = 0
         while True:
             spawner = await self._running_spawner()
             try:
-                return await self._start_once(spawner, spec, cwd)
+                return await self._start_once(spawner, spec, cwd, start_by)
             except NothingRan as failure:
                 log.warning("the local process spawner failed before the command started (%s)", failure)
                 await self._replace_spawner(spawner)
@@ -231,7 +236,7 @@ class LocalBackend:
                     raise BackendFailure(f"the local process spawner failed {attempts} times") from failure
 
     async def _start_once(
-        self, spawner: Spawner, spec: ExecSpec, cwd: str
+        self, spawner: Spawner, spec: ExecSpec, cwd: str, start_by: float
     ) -> LocalExecution | FailedExecution:
         try:
             pipes = CommandPipes(with_stdin=spec.stdin is not None)
@@ -239,7 +244,7 @@ class LocalBackend:
             raise refusal_for(error) from error
         try:
             try:
-                await self._watched(spawner, spawner.request(pipes.for_leader), spec)
+                await self._watched(spawner, spawner.request(pipes.for_leader), start_by)
             finally:
                 pipes.close_leader_ends()
             channel = await LeaderChannel.connect(pipes.control)
@@ -253,9 +258,9 @@ class LocalBackend:
             raise
         # start_by: a leader that reads this too late (its spawner stuck meanwhile) starts nothing.
         env = self.environment(spec.env)
-        channel.send({"argv": spec.argv, "cwd": cwd, "env": env, "start_by": spec.deadline})
+        channel.send({"argv": spec.argv, "cwd": cwd, "env": env, "start_by": start_by})
         try:
-            report = await self._watched(spawner, channel.receive(), spec)
+            report = await self._watched(spawner, channel.receive(), start_by)
             if report is None or "started" not in report:
                 pipes.close_ours(control=False)
                 await channel.close()
@@ -282,14 +287,15 @@ class LocalBackend:
             raise start_too_late()
         return FailedExecution(self._target, spawn_failure(report, spec, cwd))
 
-    async def _watched(self, spawner: Spawner, step: Awaitable[T], spec: ExecSpec) -> T:
-        """One step of a start that waits on the spawner, bounded by the request's deadline.
+    async def _watched(self, spawner: Spawner, step: Awaitable[T], start_by: float) -> T:
+        """One step of a start that waits on the spawner, bounded by ``start_by`` (the request's
+        deadline, or ``START_FLOOR`` after its start when that is later).
 
         A spawner found stopped meanwhile is killed: requests queued on its socket die with it,
         so their leaders never start and the step ends with EOF (nothing ran, start again).
         """
         loop = asyncio.get_running_loop()
-        give_up = min(spec.deadline, loop.time() + START_REPLY_TIMEOUT)
+        give_up = min(start_by, loop.time() + START_REPLY_TIMEOUT)
         task = asyncio.ensure_future(step)
         try:
             while not task.done():
@@ -297,7 +303,7 @@ class LocalBackend:
                 if left <= 0:
                     if spawner.stopped() or left + START_REPLY_TIMEOUT <= 0:
                         spawner.kill()
-                    if loop.time() >= spec.deadline:
+                    if loop.time() >= start_by:
                         raise start_too_late()
                     raise BackendFailure("the local process spawner did not answer")
                 await asyncio.wait({task}, timeout=min(SPAWNER_CHECK, left))
