@@ -559,10 +559,10 @@ async def memory_section(work: Path, runs: int, *, quick: bool = False) -> str:
     return memory.render(await memory.measure(work, runs, Spawned, quick=quick))
 
 
-async def memory_only(runs: int, out: Path | None) -> str:
+async def memory_only(runs: int, out: Path | None, *, quick: bool) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     try:
-        section = await memory_section(work, runs)
+        section = await memory_section(work, runs, quick=quick)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     if out is not None:
@@ -614,8 +614,8 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             spawned.append(proxy_slow)
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
         report = render(results, sizes) + "\n" + await warm_section(work, sizes)
-        quick = sizes.latency_runs < 10
-        report += "\n" + await memory_section(work, 1 if quick else 5, quick=quick)
+        if sizes.latency_runs >= 10:  # not in --quick: its own smoke test runs --memory-only --quick
+            report += "\n" + await memory_section(work, 5)
         if out is not None:
             out.write_text(report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))
@@ -649,7 +649,8 @@ def main() -> None:
         print(asyncio.run(warm_only(sizes)))
         return
     if arguments.memory_only:
-        print(asyncio.run(memory_only(arguments.memory_runs, arguments.out)))
+        runs = 1 if arguments.quick else arguments.memory_runs
+        print(asyncio.run(memory_only(runs, arguments.out, quick=arguments.quick)))
         return
     if arguments.latency_only:
         print(asyncio.run(latency_only(sizes)))
