@@ -230,6 +230,10 @@ def test_term_ignored_means_kill_after_grace(binary: Path, marker: str, kill_mar
     """A command that ignores TERM is killed once the grace is over."""
     process, nonce = start(binary, ["sh", "-c", f"trap '' TERM; sleep {marker}"], grace=0.5)
     wait_for_marker(process, nonce, "pgid")
+    deadline = time.monotonic() + 30
+    while not processes_with(marker):  # the sleep runs: the shell has set its trap (else TERM kills it)
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.01)
     assert process.stdin is not None
     process.stdin.write(b"T")
     process.stdin.flush()
