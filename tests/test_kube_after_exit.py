@@ -1,0 +1,116 @@
+"""What happens between a command's exit and the end of its request, on the Kubernetes backend:
+nothing is waited for when nothing of the command is left, and leftovers' late output is never
+cut off when something is."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from session_proxy.backends.kubernetes import KubernetesBackend
+from session_proxy.backends.kubernetes.execution import AfterExit
+from session_proxy.metrics import Metrics
+from session_proxy.settings import Settings
+
+from .conftest import (
+    TOKEN,
+    KubeSetup,
+    ProxyFactory,
+    RunningProxy,
+    final,
+    kube_exec,
+    output_of,
+    path_settings,
+    prewarm,
+)
+
+# Far longer than any test may run: a request that waited on one of them would never end.
+ABSURD = 3600.0
+# Far below ABSURD, and ample for a loaded machine: the bound the guard holds a request to.
+BOUND = 60.0
+
+
+async def setup_with(
+    kube: Any,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    exec_path: str,
+    http: aiohttp.ClientSession,
+    after_exit: AfterExit,
+) -> KubeSetup:
+    """A workspace pod and a proxy whose Kubernetes backend waits as ``after_exit`` says."""
+    pod = kube.add_pod("ws-1", labels={"session": "s1", "type": "workspace"})
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0", "local_root": tmp_path,
+        "kill_grace": 1, "shutdown_grace": 1, "rate_limit": 0, "backend": "kubernetes",
+        "kubeconfig": str(kube.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)),
+        "namespace": "default", "session_name": "s1", "workspace_wait": 3,
+        **path_settings(exec_path),
+    }  # fmt: skip
+    backend = KubernetesBackend(Settings.model_validate(values), Metrics(), after_exit)
+    proxy: RunningProxy = await make_proxy(exec_backend=backend, **values)
+    await prewarm(http, proxy, exec_path)
+    return KubeSetup(kube, proxy, pod, exec_path)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "body",
+    [{"command": ["true"]}, {"command": ["cat"], "stdin": "in"}],
+    ids=["true", "cat-with-stdin"],
+)
+async def test_nothing_left_means_no_wait_after_the_exit(
+    kube: Any,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    exec_path: str,
+    http: aiohttp.ClientSession,
+    body: dict[str, Any],
+) -> None:
+    """With the drain's quiet spell and limit and the wrapper's leftover grace all set to an
+    hour, a command that leaves nothing behind still ends its request at once: nothing on the
+    way from its exit to the exit event waits on any of them (with stdin, the wrapper stays
+    until the proxy closes the stream, so only the proxy's own decision can end the request)."""
+    after_exit = AfterExit(drain_quiet=ABSURD, drain_limit=ABSURD, leftover_grace=int(ABSURD))
+    setup = await setup_with(kube, make_proxy, tmp_path, exec_path, http, after_exit)
+    for _ in range(3):
+        async with asyncio.timeout(BOUND):
+            events = await kube_exec(http, setup, body)
+        assert final(events)["reason"] == "exited", events
+        assert final(events)["exit_code"] == 0
+        assert output_of(events, "stdout") == body.get("stdin", "").encode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("command", "late"),
+    [
+        (["sh", "-c", "(sleep 0.02; echo late) &"], b"late\n"),
+        (["bash", "-c", "echo hi > >(sleep 0.01; cat)"], b"hi\n"),
+        (["sh", "-c", "echo now; (sleep 0.02; echo late >&2) &"], b"late\n"),
+    ],
+    ids=["background-child", "process-substitution", "stderr"],
+)
+async def test_late_output_of_what_is_left_is_delivered(
+    kube: Any,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    exec_path: str,
+    http: aiohttp.ClientSession,
+    command: list[str],
+    late: bytes,
+) -> None:
+    """Output that what the command left in its group writes after the exit still reaches the
+    client: the exit report says the group is not empty, so the request drains until the
+    stream ends (the quiet spell is long here, so the load on the machine cannot cut it)."""
+    setup = await setup_with(
+        kube, make_proxy, tmp_path, exec_path, http, AfterExit(drain_quiet=BOUND / 2, drain_limit=BOUND)
+    )
+    for _ in range(3):
+        events = await kube_exec(http, setup, {"command": command})
+        assert final(events)["reason"] == "exited", events
+        assert output_of(events, "stdout") + output_of(events, "stderr") in (late, b"now\n" + late), events
