@@ -13,6 +13,10 @@ unanswered) or printed before its header is discarded and replaced after a backo
 open (403, 5xx, a pod that cannot be exec'd) pauses refilling until a request finds the pod
 usable again and the backoff is over, so a failing API server sees no hot loop and the log
 one line per pause.
+
+A warm exec taken by a request is replaced once that request has ended (its exit event sent),
+so the replacement's handshake and spawn do not compete with the command it stands in for;
+only a pool that would otherwise be empty is refilled at once.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class WarmPool:
         self._workspace: Workspace | None = None
         self._ready: list[WarmExec] = []
         self._opening = 0
+        self._in_use = 0  # taken by requests that have not ended yet: their replacements wait
         self._last_request = 0.0
         self._failures = 0  # consecutive refused opens and early deaths
         self._retry_at = 0.0
@@ -107,6 +112,12 @@ class WarmPool:
     def used(self, warm: WarmExec) -> None:
         """Its header was written: the exec is the request's now; the pool works again."""
         self._failures = 0
+        self._in_use += 1
+
+    def request_ended(self) -> None:
+        """A request that took a warm exec has ended: its replacement may open now."""
+        self._in_use -= 1
+        self._wake.set()
 
     def discard(self, warm: WarmExec, reason: DiscardReason) -> None:
         """Close a warm exec unused (stdin EOF: the waiting wrapper exits) and count why."""
@@ -162,7 +173,7 @@ class WarmPool:
             for warm in [w for w in self._ready if now - w.opened_at >= self._max_age]:
                 self._failures = 0  # it lived its full age: not a failure
                 self.discard(warm, "max_age")
-            if len(self._ready) < self._size and not self._refused and now >= self._retry_at:
+            if self._wanted() and not self._refused and now >= self._retry_at:
                 await self._open_one(self._workspace)
                 continue
             await self._sleep_until(self._next_deadline(now))
@@ -170,9 +181,17 @@ class WarmPool:
     def _next_deadline(self, now: float) -> float:
         deadlines = [self._last_request + self._idle]
         deadlines += [w.opened_at + self._max_age for w in self._ready]
-        if not self._refused and len(self._ready) < self._size:
+        if not self._refused and self._wanted():
             deadlines.append(self._retry_at)
         return max(now, min(deadlines))
+
+    def _wanted(self) -> int:
+        """Warm execs to open now: the pool's shortfall, less the replacements of requests still
+        running, unless the pool would be empty."""
+        missing = self._size - len(self._ready) - self._opening
+        if not self._ready and not self._opening:
+            return missing
+        return max(0, missing - self._in_use)
 
     async def _sleep_until(self, deadline: float) -> None:
         with contextlib.suppress(TimeoutError):
