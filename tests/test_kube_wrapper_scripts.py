@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from session_proxy.backends.kubernetes.wrapper import KILL_SCRIPT, PROBE_SCRIPT, WRAPPER_SCRIPT, encode_header
+from session_proxy.backends.kubernetes.wrapper import (
+    KILL_SCRIPT,
+    PROBE_SCRIPT,
+    SHELL,
+    WRAPPER_SCRIPT,
+    encode_header,
+)
 
 from .conftest import processes_with
 
@@ -205,3 +211,19 @@ def test_a_stop_during_wait_never_reports_its_own_status(shell: list[str]) -> No
         assert b":gone\x1e" in err, err
         statuses.add(err.rsplit(b":exit:", 1)[1].split(b"\x1e")[0].split(b":")[0])
     assert statuses == {b"143"}
+
+
+def test_wrapper_exec_request_line_fits_8_kib() -> None:
+    """The wrapper travels in every exec URL: its request line stays inside the 8 KiB that
+    common proxies (nginx's default buffers) and aiohttp accept."""
+    from kubernetes_asyncio.client import Configuration
+
+    from session_proxy.backends.kubernetes.api import KubeApi
+    from session_proxy.settings import Settings
+
+    api = KubeApi(Settings(backend="local"), lambda kind: None, lambda name, seconds: None)
+    api._configuration = Configuration(host="https://kubernetes.default.svc")
+    url = api.exec_url("a-namespace-name", "a-workspace-pod-name", "workspace", [SHELL, "-c", WRAPPER_SCRIPT],
+                       stdin=True)  # fmt: skip
+    request_line = f"GET {url.removeprefix(api.host)} HTTP/1.1\r\n"
+    assert len(request_line) < 8 * 1024 - 128, len(request_line)
