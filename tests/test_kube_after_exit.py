@@ -5,6 +5,7 @@ cut off when something is."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from .conftest import (
     output_of,
     path_settings,
     prewarm,
+    wait_for_pool,
+    warm_pool_state,
 )
 
 # Far longer than any test may run: a request that waited on one of them would never end.
@@ -114,3 +117,29 @@ async def test_late_output_of_what_is_left_is_delivered(
         events = await kube_exec(http, setup, {"command": command})
         assert final(events)["reason"] == "exited", events
         assert output_of(events, "stdout") + output_of(events, "stderr") in (late, b"now\n" + late), events
+
+
+@pytest.mark.timeout(120)
+async def test_a_taken_warm_exec_is_replaced_after_its_request(
+    kube: Any, make_proxy: ProxyFactory, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """While a request runs on a warm exec (the pool not empty), no replacement opens: its
+    handshake and spawn would compete with the command. It opens once the request has ended."""
+    setup = await setup_with(kube, make_proxy, tmp_path, "warm", http, AfterExit())
+    gate = tmp_path / "gate"
+    body = {"command": ["sh", "-c", f"echo running; while [ ! -e {gate} ]; do sleep 0.01; done"]}
+    opens_before = warm_opens(kube)
+    async with http.post(f"{setup.proxy.url}/exec", json=body) as response:
+        assert json.loads(await response.content.readline())["warm"] is True
+        assert b"running" in await response.content.readline()
+        seen = [await warm_pool_state(setup.proxy) for _ in range(20)]  # the keeper ran between
+        gate.touch()
+        await response.read()
+    assert {(state["ready"], state["opening"]) for state in seen} == {(1, 0)}, seen
+    assert warm_opens(kube) == opens_before
+    await wait_for_pool(setup.proxy, 2)
+    assert warm_opens(kube) == opens_before + 1
+
+
+def warm_opens(api: Any) -> int:
+    return sum("warm_exec=" in r.headers.get("User-Agent", "") for r in api.exec_requests())

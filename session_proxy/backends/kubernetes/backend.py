@@ -94,7 +94,7 @@ class KubernetesBackend:
         stdin = spec.stdin or b""
         stream = await self._take_warm(workspace, header, spec.exec_id)
         warm = stream is not None
-        on_end = self._pool.request_ended if warm and self._pool is not None else None
+        on_end = self._pool.released if warm and self._pool is not None else None
         if stream is None:
             stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
             stdin = header + stdin
@@ -122,6 +122,7 @@ class KubernetesBackend:
             return None
         if not await warm.stream.send_stdin(header):
             self._pool.discard(warm, "write_failed")
+            self._pool.released()
             return None
         self._pool.used(warm)
         log.debug("exec on a warm exec", extra={"exec_id": exec_id, "warm_exec": warm.warm_id})

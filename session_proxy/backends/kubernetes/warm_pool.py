@@ -71,7 +71,7 @@ class WarmPool:
         self._workspace: Workspace | None = None
         self._ready: list[WarmExec] = []
         self._opening = 0
-        self._in_use = 0  # taken by requests that have not ended yet: their replacements wait
+        self._in_use = 0  # handed out and not released yet: their replacements wait
         self._last_request = 0.0
         self._failures = 0  # consecutive refused opens and early deaths
         self._retry_at = 0.0
@@ -99,6 +99,7 @@ class WarmPool:
         self._wake.set()
         while self._ready:
             warm = self._ready.pop(0)
+            self._in_use += 1  # handed out: its replacement waits until it is released
             self._set_gauge()
             if warm.watcher is not None:
                 warm.watcher.cancel()
@@ -106,16 +107,17 @@ class WarmPool:
                     await warm.watcher
             if not warm.stream.ended:
                 return warm
+            self._in_use -= 1
             self.discard(warm, "silent" if warm.stream.peer_silent else "closed")
         return None
 
     def used(self, warm: WarmExec) -> None:
         """Its header was written: the exec is the request's now; the pool works again."""
         self._failures = 0
-        self._in_use += 1
 
-    def request_ended(self) -> None:
-        """A request that took a warm exec has ended: its replacement may open now."""
+    def released(self) -> None:
+        """A warm exec that ``take`` handed out is done with (its request ended, or it could
+        not be used): its replacement may open now."""
         self._in_use -= 1
         self._wake.set()
 
