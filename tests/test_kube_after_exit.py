@@ -27,6 +27,7 @@ from .conftest import (
     output_of,
     path_settings,
     prewarm,
+    processes_with,
     wait_for_pool,
     warm_pool_state,
 )
@@ -60,32 +61,44 @@ async def setup_with(
     return KubeSetup(kube, proxy, pod, exec_path)
 
 
+def guard_body(kind: str, gate: Path, marker: str) -> dict[str, Any]:
+    """A command that leaves nothing in its group: `true`; `cat` fed stdin; and one whose
+    detached child (its own session, waited for until it is there) keeps the stream's pipes
+    open, so only the exit report can end the request before that child does."""
+    if kind == "true":
+        return {"command": ["true"]}
+    if kind == "cat-with-stdin":
+        return {"command": ["cat"], "stdin": "in"}
+    detach = f"setsid sh -c 'touch {gate}; exec sleep {marker}' & while [ ! -e {gate} ]; do sleep 0.01; done"
+    return {"command": ["sh", "-c", f"rm -f {gate}; {detach}"]}
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "body",
-    [{"command": ["true"]}, {"command": ["cat"], "stdin": "in"}],
-    ids=["true", "cat-with-stdin"],
-)
+@pytest.mark.parametrize("kind", ["true", "cat-with-stdin", "detached-holder"])
 async def test_nothing_left_means_no_wait_after_the_exit(
     kube: Any,
     make_proxy: ProxyFactory,
     tmp_path: Path,
     exec_path: str,
     http: aiohttp.ClientSession,
-    body: dict[str, Any],
+    kind: str,
+    marker: str,
 ) -> None:
     """With the drain's quiet spell and limit and the wrapper's leftover grace all set to an
-    hour, a command that leaves nothing behind still ends its request at once: nothing on the
-    way from its exit to the exit event waits on any of them (with stdin, the wrapper stays
-    until the proxy closes the stream, so only the proxy's own decision can end the request)."""
+    hour, a command that leaves nothing in its group still ends its request at once: nothing
+    between its exit and the exit event waits on any of them, nor on a detached process that
+    still holds the stream open."""
     after_exit = AfterExit(drain_quiet=ABSURD, drain_limit=ABSURD, leftover_grace=int(ABSURD))
     setup = await setup_with(kube, make_proxy, tmp_path, exec_path, http, after_exit)
+    body = guard_body(kind, tmp_path / "detached", marker)
     for _ in range(3):
         async with asyncio.timeout(BOUND):
             events = await kube_exec(http, setup, body)
         assert final(events)["reason"] == "exited", events
         assert final(events)["exit_code"] == 0
         assert output_of(events, "stdout") == body.get("stdin", "").encode()
+    for process in processes_with(marker):  # detached on purpose: not the proxy's to end
+        process.kill()
 
 
 @pytest.mark.timeout(120)
