@@ -122,12 +122,12 @@ def test_stdin_closing_at_once_still_ends_the_command(shell: list[str], marker: 
     assert hung == 0
 
 
-def run_wrapper(shell: list[str], header: bytes) -> tuple[bytes, bytes]:
+def run_wrapper(shell: list[str], header: bytes, env: dict[str, str] | None = None) -> tuple[bytes, bytes]:
     """The wrapper fed ``header``, its stdin kept open (a closed one is the dead-man switch)
     until it reported an end or exited; its stdout and stderr."""
     with subprocess.Popen(
         [*shell, "-c", WRAPPER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
+        stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **(env or {})},
     ) as wrapper:  # fmt: skip
         assert wrapper.stdin is not None
         try:
@@ -164,6 +164,22 @@ def test_header_values_arrive_byte_for_byte(shell: list[str]) -> None:
     assert b":exit:0" in err, err
     expected = b"".join(value.encode("utf-8", "surrogateescape") + b"\x1e" for value in values)
     assert out.startswith(expected), out[:300]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+@pytest.mark.parametrize("tmpdir", ["", "/nonexistent"], ids=["fifo", "pipe"])
+def test_stdin_reaches_the_command_exactly(shell: list[str], tmpdir: str) -> None:
+    """The command gets exactly its stdin bytes, then EOF: through a FIFO, or through a pipe
+    where no FIFO can be made (no writable temporary directory), and no FIFO is left behind."""
+    data = b"line\n\x00\xff" * 10_000 + b"no newline at the end"
+    header = encode_header(nonce="ab" * 16, argv=["sh", "-c", "cat; echo EOF"], workdir=None, env={},
+                           stdin_length=len(data), deadline=60, grace=1)  # fmt: skip
+    before = set(Path("/tmp").glob(".session-proxy-stdin-*"))
+    out, err = run_wrapper(shell, header + data, env={"TMPDIR": tmpdir} if tmpdir else None)
+    assert b":exit:0" in err, err
+    assert out.startswith(data + b"EOF\n"), out[-200:]
+    assert set(Path("/tmp").glob(".session-proxy-stdin-*")) <= before
 
 
 @pytest.mark.timeout(60)
