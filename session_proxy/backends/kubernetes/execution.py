@@ -216,18 +216,27 @@ class KubernetesExecution:
             # The wrapper ends leftovers of the group itself; closing our end is its last cue.
             await self.close()
             return None
+        if self._pgid is None and self._filter is not None:
+            # The wrapper reports the group as it forks the command, but a request can end
+            # before that report was read: read on for it, so the kill exec is not skipped.
+            await self._read_until(lambda: self._pgid is not None)
         if self._pgid is not None:
             try:
                 await self._kill_group(self._pgid, grace)
             except Exception:  # the dead-man switch below still ends it
                 log.warning("kill exec failed; relying on the wrapper's dead-man switch", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
-                    while not self._exit_reported and not self._stream_over:
-                        await self._receive()
-                        self._pending.clear()  # output after the end is not forwarded
+            await self._read_until(lambda: False)
         await self.close()
         return self._exit
+
+    async def _read_until(self, done: Callable[[], bool]) -> None:
+        """Read the stream until ``done``, the exit report or the stream's end (bounded); output
+        read here, after the end, is not forwarded."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
+                while not done() and not self._exit_reported and not self._stream_over:
+                    await self._receive()
+                    self._pending.clear()
 
     async def close(self) -> None:
         if self._on_end is not None:

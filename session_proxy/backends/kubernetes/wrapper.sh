@@ -224,6 +224,7 @@ fi
 if [ -n "$__sp_fifo" ]; then
     __sp_exec_command "$@" <"$__sp_fifo" 3<&- &
     __sp_pid=$!
+    __sp_mark "pgid:$__sp_pid"
     (
         exec 2>/dev/null >"$__sp_fifo"
         head -c "$__sp_stdin_length" <&3
@@ -239,9 +240,11 @@ elif [ "$__sp_stdin_length" -gt 0 ]; then
         __sp_watch_stdin &
     ) | __sp_exec_command "$@" 3<&- &
     __sp_pid=$!
+    __sp_mark "pgid:$__sp_pid"
 else
     __sp_exec_command "$@" </dev/null 3<&- &
     __sp_pid=$!
+    __sp_mark "pgid:$__sp_pid"
     (
         exec >/dev/null 2>&1
         __sp_watch_stdin
@@ -270,11 +273,11 @@ trap '' PIPE
     wait "$__sp_sleeper" && kill -USR2 "$__sp_main"
 ) &
 __sp_timer=$!
-# Only now is the group known to a stop: an ender started by a trap before this point would
+# The group was reported as soon as the command was forked, before it can start processes of
+# its own. Only now is it known to a stop: an ender started by a trap before this point would
 # have taken the place of $! that the lines above read.
 # With setsid the command leads its own group (a background job of a shell without job
 # control is no group leader, so setsid does not fork): its pid is the group's id.
-__sp_mark "pgid:$__sp_pid"
 if [ -n "$__sp_setsid" ]; then
     __sp_group=-$__sp_pid
 else
