@@ -214,6 +214,13 @@ __sp_watch_stdin() {
 # where no FIFO can be made does a pipeline feeder do it, leaving the watcher behind as its
 # own child. Redirections are done with exec, not `{ } 2>...`: dash would keep the real
 # stderr on a saved fd that the watcher inherits, holding the stream open.
+# Reports the group as soon as the command is forked, before it can start processes of its
+# own. From here on a report that cannot be written (the stream is gone) must not stop the
+# rest; only now, as a signal ignored before the command started would stay ignored in it.
+__sp_report_group() {
+    trap '' PIPE
+    __sp_mark "pgid:$__sp_pid"
+}
 exec 3<&0
 __sp_watcher=
 __sp_fifo=
@@ -224,7 +231,7 @@ fi
 if [ -n "$__sp_fifo" ]; then
     __sp_exec_command "$@" <"$__sp_fifo" 3<&- &
     __sp_pid=$!
-    __sp_mark "pgid:$__sp_pid"
+    __sp_report_group
     (
         exec 2>/dev/null >"$__sp_fifo"
         head -c "$__sp_stdin_length" <&3
@@ -240,20 +247,17 @@ elif [ "$__sp_stdin_length" -gt 0 ]; then
         __sp_watch_stdin &
     ) | __sp_exec_command "$@" 3<&- &
     __sp_pid=$!
-    __sp_mark "pgid:$__sp_pid"
+    __sp_report_group
 else
     __sp_exec_command "$@" </dev/null 3<&- &
     __sp_pid=$!
-    __sp_mark "pgid:$__sp_pid"
+    __sp_report_group
     (
         exec >/dev/null 2>&1
         __sp_watch_stdin
     ) &
     __sp_watcher=$!
 fi
-# From here on a report that cannot be written (the stream is gone) must not stop the rest.
-# Only now: a signal ignored before the command started would stay ignored in it.
-trap '' PIPE
 # The backstop. A sleep that cannot run (it failed, rather than slept) fires nothing.
 # A TERM can come at any point, even before the sleep's pid is known: the first trap only notes
 # it, and the note is looked at again once the trap that kills the sleep is in place, so the
@@ -273,8 +277,7 @@ trap '' PIPE
     wait "$__sp_sleeper" && kill -USR2 "$__sp_main"
 ) &
 __sp_timer=$!
-# The group was reported as soon as the command was forked, before it can start processes of
-# its own. Only now is it known to a stop: an ender started by a trap before this point would
+# Only now is the group known to a stop: an ender started by a trap before this point would
 # have taken the place of $! that the lines above read.
 # With setsid the command leads its own group (a background job of a shell without job
 # control is no group leader, so setsid does not fork): its pid is the group's id.
