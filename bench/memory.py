@@ -277,7 +277,7 @@ def sizing(figures: MemoryFigures) -> list[str]:
     request = math.ceil(settled * 1.1 / 16) * 16
     limit = math.ceil(peak * 2 / 32) * 32
     return [
-        f"Sizing the sidecar (`manifests/runner-pod.yaml`): memory request **{request}Mi**, the in-cluster "
+        f"Sizing the sidecar (`manifests/session/runner-pod.yaml`): memory request **{request}Mi**, the in-cluster "
         f"RSS after the bursts ({settled:.1f} MB, what a session that has run commands holds) plus at",
         f"least 10%, rounded up to 16 Mi; limit **{limit}Mi**, twice the peak ({peak:.1f} MB), rounded up to",
         "32 Mi: headroom for what this run does not do at once (an 8 MiB log tail, several MCP",

@@ -19,6 +19,7 @@ from .conftest import (
     kube_proxy,
     output_of,
     survivors,
+    wait_for_pool,
     wait_for_processes,
 )
 from .kube_api_server import Fault, kill_pod_processes
@@ -388,9 +389,11 @@ async def test_token_rotation_mid_session(
     Path(in_cluster["token_file"]).write_text("token-b-rotated\n")
     kube.tokens.clear()
     kube.add_token("token-b-rotated")
+    rotated_at = len(kube.requests)
     events = await exec_events(http, proxy, {"command": ["echo", "after rotation"]})
     assert output_of(events, "stdout") == b"after rotation\n"
-    used = [r.headers.get("Authorization") for r in kube.requests[-4:]]
+    await wait_for_pool(proxy, 2)  # a warm exec taken is replaced after its request: a new exec
+    used = [r.headers.get("Authorization") for r in kube.requests[rotated_at:]]
     assert "Bearer token-b-rotated" in used
     async with http.get(f"{proxy.ops_url}/metrics") as response:
         metrics = await response.text()

@@ -182,7 +182,9 @@ class KubeApi:
         if stdin:
             query.append(("stdin", "true"))
         path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/exec"
-        return self.host + path + "?" + urlencode(query, quote_via=quote)
+        # Spaces as `+`, as kubectl sends them: the wrapper script stays well inside the 8 KiB
+        # request line that common proxies (and aiohttp) accept.
+        return self.host + path + "?" + urlencode(query)
 
     async def open_exec(self, url: str, user_agent: str) -> ExecStream:
         """Upgrade to an exec WebSocket, offering v5 then v4 (one header; the server picks)."""
