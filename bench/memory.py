@@ -1,6 +1,6 @@
 """Memory: what one proxy costs at rest, after its first MCP call, and after bursts of dropped execs.
 
-    python bench/run.py --memory-only [--memory-runs 5]     (also part of a full run)
+    python bench/run.py --memory-only [--memory-runs 5] [--out BENCHMARKS.md]   (also in a full run)
 
 A proxy runs once per session, so its idle RSS is paid once per session. Each run starts one
 proxy per row, in turn, with the production defaults (only the rate limit off, so that a burst
@@ -64,6 +64,7 @@ IMPORTS = {
 class MemoryFigures:
     runs: int
     waves: int
+    settle: float  # seconds before each reading
     rss: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # row -> stage -> MB per run
     imports: dict[str, float] = field(default_factory=dict)
 
@@ -174,15 +175,15 @@ async def measure_row(spawn: Any, work: Path, row: str, index: int, flags: list[
                       figures: MemoryFigures) -> None:  # fmt: skip
     proxy, url = await start(spawn, work, f"memory-{row}-{index}", flags, env)
     try:
-        await asyncio.sleep(1)  # start-up garbage settles
+        await asyncio.sleep(figures.settle)  # start-up garbage settles
         figures.add(row, "idle", rss_mb(proxy.ps))
         await first_mcp_call(url)
-        await asyncio.sleep(1)
+        await asyncio.sleep(figures.settle)
         figures.add(row, "mcp", rss_mb(proxy.ps))
         if row != "kubeconfig":  # the kubeconfig row shows what kubernetes-asyncio costs at rest
             for stage in ("burst", "burst2"):
                 await burst(url, figures.waves)
-                await asyncio.sleep(1)
+                await asyncio.sleep(figures.settle)
                 figures.add(row, stage, rss_mb(proxy.ps))
         figures.add(row, "peak", peak_mb(proxy.process.pid))
     finally:
@@ -190,8 +191,8 @@ async def measure_row(spawn: Any, work: Path, row: str, index: int, flags: list[
 
 
 async def measure(work: Path, runs: int, spawn: Any, *, quick: bool = False) -> MemoryFigures:
-    """``quick``: one wave per burst and one import each (a smoke test, not a measurement)."""
-    figures = MemoryFigures(runs, 1 if quick else WAVES)
+    """``quick``: one wave per burst, no settling, one import each (a smoke test, not a measurement)."""
+    figures = MemoryFigures(runs, 1 if quick else WAVES, 0.0 if quick else 1.0)
     for label, statement in IMPORTS.items():
         figures.imports[label] = statistics.median(
             import_peak_mb(statement) for _ in range(1 if quick else 3)

@@ -609,10 +609,10 @@ async def memory_section(work: Path, runs: int, *, quick: bool = False) -> str:
     return memory.render(await memory.measure(work, runs, Spawned, quick=quick))
 
 
-async def memory_only(runs: int, out: Path | None) -> str:
+async def memory_only(runs: int, out: Path | None, *, quick: bool) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     try:
-        section = await memory_section(work, runs)
+        section = await memory_section(work, runs, quick=quick)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     if out is not None:
@@ -665,14 +665,17 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
         main = render(results, sizes) + "\n" + render_targets(results)
         warm = await warm_section(work, sizes, "python bench/run.py")
-        quick = sizes.latency_runs < 10
-        memory_report = await memory_section(work, 1 if quick else 5, quick=quick)
-        report = main + "\n" + warm + "\n" + memory_report
+        report = main + "\n" + warm
+        memory_report = ""
+        if sizes.latency_runs >= 10:  # not in --quick: its own smoke test runs --memory-only --quick
+            memory_report = await memory_section(work, 5)
+            report += "\n" + memory_report
         if out is not None:
             import memory
 
             write_sections(out, {"main": main, "warm execs": warm})
-            memory.write_section(out, memory_report)
+            if memory_report:
+                memory.write_section(out, memory_report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))
         return report
     finally:
@@ -704,7 +707,8 @@ def main() -> None:
         print(asyncio.run(warm_only(sizes, arguments.out)))
         return
     if arguments.memory_only:
-        print(asyncio.run(memory_only(arguments.memory_runs, arguments.out)))
+        runs = 1 if arguments.quick else arguments.memory_runs
+        print(asyncio.run(memory_only(runs, arguments.out, quick=arguments.quick)))
         return
     if arguments.latency_only:
         print(asyncio.run(latency_only(sizes)))
