@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -118,8 +119,11 @@ async def soak(total: int) -> dict[str, Any]:
                 kept = len((await response.json())["jobs"])
         if kept > 4 * MAX_JOBS:
             problems.append(f"{kept} jobs kept, more than {4 * MAX_JOBS}")
-        children = proxy.children(recursive=True)
-        leftovers = [c for c in children if "spawner" not in " ".join(c.cmdline())]
+        leftovers = []
+        for child in proxy.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone meanwhile: not left
+                if "spawner" not in " ".join(child.cmdline()):
+                    leftovers.append(child)
         if leftovers:
             problems.append(f"processes left: {leftovers}")
     finally:

@@ -101,17 +101,20 @@ async def test_dead_man_switch_alone_ends_the_group(
     wrapper (or supervisor) sees its stdin close and ends the group itself (the backstop is a
     minute away)."""
     kube_setup.api.faults.append(Fault("/exec", status=500, times=-1, user_agent="-kill"))
-    response = await http.post(
-        f"{kube_setup.proxy.url}/exec", json={"command": forking(marker), "timeout": 60}
-    )
+    # "up" goes to stderr after the group report on the same pipe: once the proxy forwards it,
+    # it knows the group, so its end task will try the kill exec.
+    command = forking(marker, before="echo up >&2; ")
+    response = await http.post(f"{kube_setup.proxy.url}/exec", json={"command": command, "timeout": 60})
     start = json.loads(await response.content.readline())
+    while json.loads(await response.content.readline())["type"] != "stderr":
+        pass
     await wait_for_processes(marker, 2)
     response.close()
     assert await survivors(marker, within=20) == []
     if kube_setup.runner == "supervisor":
         return  # it makes no kill exec
-    # The kill exec is made by the exec's end task, which may still be on its way: the dead-man
-    # switch alone can win the race. Wait for it in the request log.
+    # The kill exec is made by the exec's end task, which may still be on its way when the
+    # dead-man switch alone has ended the group. Wait for it in the request log.
     deadline = asyncio.get_running_loop().time() + 20
     while not kill_execs(kube_setup.api, start["exec_id"]) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
