@@ -113,6 +113,14 @@ def final(events: list[dict[str, Any]]) -> dict[str, Any]:
     return exits[0]
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` if it has not within ``within`` s."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 def marker() -> str:
     """A unique sleep length, so this test's processes can be found (and only those)."""

@@ -10,7 +10,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .conftest import (
     KubeSetup,
     ProxyFactory,
     RunningProxy,
+    eventually,
     exec_events,
     final,
     kube_proxy,
@@ -48,13 +48,6 @@ async def metric(http: aiohttp.ClientSession, proxy: RunningProxy, name: str, **
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.02)
 
 
 def warm_opens(api: Any) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from .conftest import (
     TOKEN,
     ProxyFactory,
     RunningProxy,
+    eventually,
     exec_events,
     final,
     kube_proxy,
@@ -45,13 +46,6 @@ from .test_kube_discovery import in_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 LABELS = {"session": "s1", "type": "workspace"}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.02)
 
 
 def discarded_count(metrics: Metrics, reason: str) -> float:
@@ -152,8 +146,10 @@ async def test_a_header_write_cancelled_closes_the_warm_exec(rig: PoolRig, api_m
     not leak the warm exec: it is closed (stdin EOF ends whatever the wrapper started), counted
     as abandoned, and nothing of it (its pinger, its wrapper) outlives the pool."""
     await filled(rig)
-    # Over the client writer's 256 KiB limit, and not compressible: writing it waits for a drain.
-    header = secrets.token_bytes(300 * 1024)
+    # Over the client writer's 256 KiB limit even compressed, so writing it waits for a drain;
+    # one unfinished line, so the wrapper keeps reading instead of refusing it and ending the
+    # stream (the frames before the limit do go out).
+    header = secrets.token_urlsafe(600 * 1024).encode()
     protocol = rig.opened[0]._ws._writer.protocol  # the connection's flow control, as a full socket sets it
     protocol.pause_writing()
     take = asyncio.create_task(rig.pool.take(rig.workspace, header, "cut-short"))

@@ -12,6 +12,7 @@ from session_proxy.keys import ADMISSION
 from .conftest import (
     ProxyFactory,
     RunningProxy,
+    eventually,
     exec_events,
     final,
     forking,
@@ -49,10 +50,16 @@ async def test_slots_come_back_after_disconnects(
         response = await http.post(f"{proxy.url}/exec", json={"command": ["sleep", marker], "timeout": 60})
         assert json.loads(await response.content.readline())["type"] == "start"
         response.close()
+
+        async def slot_free() -> bool:
+            async with http.get(f"{proxy.ops_url}/metrics") as metrics:
+                return "session_proxy_exec_in_flight 0.0" in await metrics.text()
+
+        # The hang-up reaches the proxy a moment later; a request sent before that finds the cap.
+        await eventually(slot_free, "the hung-up exec's slot came back")
     assert await survivors(marker) == []
     async with http.get(f"{proxy.ops_url}/metrics") as metrics:
         text = await metrics.text()
-    assert "session_proxy_exec_in_flight 0.0" in text
     assert 'session_proxy_exec_requests_total{outcome="client_gone"} 20.0' in text
     events = await exec_events(http, proxy, {"command": ["true"]})
     assert final(events)["exit_code"] == 0
