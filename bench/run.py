@@ -2,7 +2,7 @@
 
     python bench/run.py                  # full run, prints the markdown table
     python bench/run.py --quick          # tiny sizes, for a smoke test
-    python bench/run.py --out BENCHMARKS.md
+    python bench/run.py --out BENCHMARKS.md   # rewrites only its own sections of the file
 
 Contenders, all against the same Kubernetes API test server (tests/kube_api_server.py, TLS,
 real processes) on loopback:
@@ -231,7 +231,7 @@ class Contenders:
             nonce=nonce, argv=argv, workdir=None, env={}, stdin_length=0, deadline=60, grace=1
         )
         query = urlencode([("command", a) for a in (SHELL, "-c", WRAPPER_SCRIPT)] + [
-            ("container", "workspace"), ("stdin", "true"), ("stdout", "true"), ("stderr", "true")], quote_via=quote)  # fmt: skip
+            ("container", "workspace"), ("stdin", "true"), ("stdout", "true"), ("stderr", "true")])  # fmt: skip
         url = f"{self.configuration.host}/api/v1/namespaces/default/pods/{POD}/exec?{query}"
         token = await self.configuration.get_api_key_with_prefix("BearerToken")
         session: aiohttp.ClientSession = self.api.rest_client.pool_manager
@@ -509,6 +509,51 @@ def render(results: Results, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
+def render_targets(results: Results) -> str:
+    """The standing targets, each checked against this run's figures."""
+    p50 = {name: statistics.median(durations) for name, durations in results.latency.items()}
+    text = {name: results.throughput[f"{name}/text"]["mb_s"] for name in THROUGHPUT}
+    levels = results.concurrency.get("proxy-kube", {})
+    peak = max((row["peak_rss_mb"] for row in levels.values()), default=float("nan"))
+    errors = sum(int(row["errors"]) for rows in results.concurrency.values() for row in rows.values())
+    growth = results.footprint["slow_reader_growth_mb"]
+    rows = [
+        ("latency p50 <= 0.25 x `kubectl exec` (cold)", f"{p50['proxy-kube'] / p50['kubectl']:.2f} x "
+         f"({p50['proxy-kube'] * 1000:.1f} ms vs {p50['kubectl'] * 1000:.1f} ms)", p50["proxy-kube"] <= 0.25 * p50["kubectl"]),
+        ("latency p50 <= direct WebSocket + 5 ms (cold)", f"{(p50['proxy-kube'] - p50['direct-ws']) * 1000:+.1f} ms",
+         p50["proxy-kube"] - p50["direct-ws"] <= 0.005),
+        ("throughput >= 0.8 x direct WebSocket (text)", f"{text['proxy-kube'] / text['direct-ws']:.2f} x "
+         f"({text['proxy-kube']:.0f} vs {text['direct-ws']:.0f} MB/s)", text["proxy-kube"] >= 0.8 * text["direct-ws"]),
+        ("throughput >= `kubectl exec` (text)", f"{text['proxy-kube'] / text['kubectl']:.2f} x "
+         f"({text['proxy-kube']:.0f} vs {text['kubectl']:.0f} MB/s)", text["proxy-kube"] >= text["kubectl"]),
+        ("every concurrent stream completes", f"{errors} errors", errors == 0),
+        ("proxy RSS under concurrent streams < 150 MB", f"{peak:.0f} MB peak", peak < 150),
+        ("a slow reader grows RSS by a few MB at most", f"+ {growth:.1f} MB", growth < 8),
+    ]  # fmt: skip
+    lines = ["## Against the targets (figures from the run above)", "", "| target | result | met? |",
+             "|---|---|---|"]  # fmt: skip
+    lines += [f"| {target} | {result} | {'yes' if met else '**no**'} |" for target, result, met in rows]
+    return "\n".join(lines) + "\n"
+
+
+SECTION_BEGIN = "<!-- written by bench/run.py ({name}); edit around it, not in it -->"
+SECTION_END = "<!-- end of what bench/run.py ({name}) writes -->"
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> None:
+    """Put each named section of the report into ``path`` in place of its previous run, keeping
+    every other line of the file (the hand-written sections) as it is; a new one is appended."""
+    text = path.read_text() if path.exists() else ""
+    for name, body in sections.items():
+        begin, end = SECTION_BEGIN.format(name=name), SECTION_END.format(name=name)
+        block = f"{begin}\n{body.rstrip()}\n{end}\n"
+        pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end) + r"\n", re.DOTALL)
+        text, found = pattern.subn(lambda _, block=block: block, text)
+        if not found:
+            text += ("\n" if text else "") + block
+    path.write_text(text)
+
+
 async def latency_only(sizes: Sizes) -> str:
     """Just the round-trip table (for checking a change quickly)."""
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
@@ -534,20 +579,25 @@ async def latency_only(sizes: Sizes) -> str:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
-async def warm_section(work: Path, sizes: Sizes) -> str:
+async def warm_section(work: Path, sizes: Sizes, command: str) -> str:
     """Warm and cold proxy-kube against direct-ws and kubectl, with a modelled start cost."""
     import warm_start
+
+    started = f"Run on {date.today().isoformat()}, {psutil.cpu_count()} CPUs; `{command}`."
 
     figures = await warm_start.measure(
         work, sizes.warm_runs, sizes.warm_levels, sizes.idle_seconds, Spawned, start_proxy, Contenders
     )
-    return warm_start.render(figures, sizes.warm_runs, sizes.warm_levels)
+    return warm_start.render(figures, sizes.warm_runs, sizes.warm_levels, started)
 
 
-async def warm_only(sizes: Sizes) -> str:
+async def warm_only(sizes: Sizes, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     try:
-        return await warm_section(work, sizes)
+        report = await warm_section(work, sizes, "python bench/run.py --warm-only")
+        if out is not None:
+            write_sections(out, {"warm execs": report})
+        return report
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
@@ -613,11 +663,19 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             proxy_slow, slow_url, _, _ = start_proxy(work, "proxy-slow", *kube_flags)
             spawned.append(proxy_slow)
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
-        report = render(results, sizes) + "\n" + await warm_section(work, sizes)
+        main = render(results, sizes) + "\n" + render_targets(results)
+        warm = await warm_section(work, sizes, "python bench/run.py")
+        report = main + "\n" + warm
+        memory_report = ""
         if sizes.latency_runs >= 10:  # not in --quick: its own smoke test runs --memory-only --quick
-            report += "\n" + await memory_section(work, 5)
+            memory_report = await memory_section(work, 5)
+            report += "\n" + memory_report
         if out is not None:
-            out.write_text(report)
+            import memory
+
+            write_sections(out, {"main": main, "warm execs": warm})
+            if memory_report:
+                memory.write_section(out, memory_report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))
         return report
     finally:
@@ -646,7 +704,7 @@ def main() -> None:
     if arguments.idle_seconds is not None:
         sizes.idle_seconds = arguments.idle_seconds
     if arguments.warm_only:
-        print(asyncio.run(warm_only(sizes)))
+        print(asyncio.run(warm_only(sizes, arguments.out)))
         return
     if arguments.memory_only:
         runs = 1 if arguments.quick else arguments.memory_runs

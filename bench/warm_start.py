@@ -2,7 +2,8 @@
 
 Each exec'd process starts only after ``--exec-start-delay`` on the Kubernetes API test server:
 0 ms (a free start) and 25 ms (runc exec alone measured 4-27 ms per exec in
-opencontainers/runc #4432 and #4448). Contenders, all against the same server, p50 of `true`:
+opencontainers/runc #4432 and #4448), on both of its modes (modern: v5 and v4; old: v4 only).
+Contenders, all against the same server, p50 of `true`:
   proxy-kube warm   session-proxy with a warm pool (each sample starts with the pool full: the
                     steady state of an agent that thinks between commands)
   proxy-kube cold   session-proxy with --warm-execs 0 (a new exec per command)
@@ -28,13 +29,21 @@ import aiohttp
 import psutil
 
 START_COSTS = (0.0, 0.025)
+MODES = ("modern", "old")
+# kubectl speaks v5 only over WebSocket, then falls back to SPDY, which the test server lacks.
+KUBECTL_MODES = ("modern",)
 CONTENDERS = ("proxy-kube warm", "proxy-kube cold", "direct-ws", "kubectl")
+# Targets, at concurrency 1: warm / direct-ws by start cost; cold - direct-ws; proxy / kubectl.
+WARM_TARGETS = {0.0: 0.75, 0.025: 0.25}
+COLD_MARGIN = 0.005
+KUBECTL_TARGET = 0.25
+Cell = tuple[str, float, str, int]  # (mode, start cost, contender, concurrency)
 
 
 @dataclass
 class WarmFigures:
-    p50: dict[tuple[float, str, int], float] = field(default_factory=dict)  # (cost, who, level) -> s
-    warm_share: dict[tuple[float, int], float] = field(default_factory=dict)
+    p50: dict[Cell, float] = field(default_factory=dict)  # seconds
+    warm_share: dict[tuple[str, float, int], float] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,14 +93,15 @@ async def sample(
 
 
 async def measure_cost(
-    cost: float, work: Path, runs: int, levels: tuple[int, ...], spawn: Any, start_proxy: Any, contenders: Any
-) -> tuple[dict[tuple[float, str, int], float], dict[tuple[float, int], float]]:
-    name = f"cost-{int(cost * 1000)}ms"
-    api = spawn([sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / name),
+    mode: str, cost: float, work: Path, runs: int, levels: tuple[int, ...], spawn: Any, start_proxy: Any,
+    contenders: Any,
+) -> tuple[dict[Cell, float], dict[tuple[str, float, int], float]]:  # fmt: skip
+    name = f"{mode}-cost-{int(cost * 1000)}ms"
+    api = spawn([sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / name), "--mode", mode,
                  "--exec-start-delay", str(cost)], work / f"{name}-api.log")  # fmt: skip
     spawned = [api]
-    p50: dict[tuple[float, str, int], float] = {}
-    share: dict[tuple[float, int], float] = {}
+    p50: dict[Cell, float] = {}
+    share: dict[tuple[str, float, int], float] = {}
     try:
         kubeconfig = Path(api.wait_for(r"kubeconfig: (\S+)").group(1))
         flags = ("--backend", "kubernetes", "--kubeconfig", str(kubeconfig), "--session-name", "demo")
@@ -120,11 +130,13 @@ async def measure_cost(
             }
             for level in levels:
                 for who in CONTENDERS:
+                    if who == "kubectl" and mode not in KUBECTL_MODES:
+                        continue
                     run, before = runs_by_name[who]
                     durations, warm_starts = await sample(run, level, runs, before)
-                    p50[(cost, who, level)] = statistics.median(durations)
+                    p50[(mode, cost, who, level)] = statistics.median(durations)
                     if who == "proxy-kube warm":
-                        share[(cost, level)] = warm_starts / len(durations)
+                        share[(mode, cost, level)] = warm_starts / len(durations)
     finally:
         for process in reversed(spawned):
             process.stop()
@@ -175,46 +187,70 @@ async def measure(
     contenders: Any,
 ) -> WarmFigures:  # fmt: skip
     figures = WarmFigures()
-    for cost in START_COSTS:
-        p50, share = await measure_cost(cost, work, runs, levels, spawn, start_proxy, contenders)
-        figures.p50.update(p50)
-        figures.warm_share.update(share)
+    for mode in MODES:
+        for cost in START_COSTS:
+            p50, share = await measure_cost(mode, cost, work, runs, levels, spawn, start_proxy, contenders)
+            figures.p50.update(p50)
+            figures.warm_share.update(share)
     figures.idle = await measure_idle(work, idle_seconds, spawn, start_proxy)
     return figures
 
 
-def render(figures: WarmFigures, runs: int, levels: tuple[int, ...]) -> str:
+def render(figures: WarmFigures, runs: int, levels: tuple[int, ...], started: str) -> str:
     lines = [
         "## Warm execs: start cost of `true`, warm and cold, against the alternatives",
         "",
-        f"p50 ms of `true`, {runs} samples per cell, at each concurrency and modelled container-runtime "
-        "start cost (`exec_start_delay` on the API test server, before each exec'd process starts; runc "
-        "exec alone measured 4-27 ms, opencontainers/runc #4432, #4448). proxy-kube warm runs with a pool "
-        f"as large as the concurrency (`--warm-execs {max(levels)}`), each batch starting with it full; "
-        "cold with `--warm-execs 0`.",
+        started,
         "",
-        "| start cost | concurrency | proxy-kube warm | proxy-kube cold | direct-ws | kubectl | warm / direct-ws | warm starts |",
-        "|---|---|---|---|---|---|---|---|",
+        f"p50 ms of `true`, {runs} samples per cell, on both modes of the API test server (modern: v5 "
+        "and v4; old: v4 only), at each concurrency and modelled container-runtime start cost "
+        "(`exec_start_delay` on the API test server, before each exec'd process starts; runc exec alone "
+        "measured 4-27 ms, opencontainers/runc #4432, #4448). proxy-kube warm runs with a pool as large "
+        f"as the concurrency (`--warm-execs {max(levels)}`), each batch starting with it full; cold with "
+        "`--warm-execs 0`.",
+        "",
+        "| server | start cost | concurrency | proxy-kube warm | proxy-kube cold | direct-ws | kubectl "
+        "| warm / direct-ws | cold − direct-ws | warm / kubectl | warm starts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for cost in START_COSTS:
-        for level in levels:
-            cells = [figures.p50[(cost, who, level)] * 1000 for who in CONTENDERS]
-            ratio = cells[0] / cells[2]
-            share = figures.warm_share[(cost, level)]
-            lines.append(
-                f"| {cost * 1000:.0f} ms | {level} | "
-                + " | ".join(f"{c:.1f}" for c in cells)
-                + f" | **{ratio:.2f}** | {share:.0%} |"
+    for mode in MODES:
+        for cost in START_COSTS:
+            for level in levels:
+                warm, cold, direct, kubectl = (
+                    figures.p50.get((mode, cost, who, level), float("nan")) * 1000 for who in CONTENDERS
+                )
+                row = (
+                    f"| {mode} | {cost * 1000:.0f} ms | {level} | {warm:.1f} | {cold:.1f} | {direct:.1f} "
+                    f"| {kubectl:.1f} | **{warm / direct:.2f}** | {cold - direct:+.1f} ms | {warm / kubectl:.2f} "
+                    f"| {figures.warm_share[(mode, cost, level)]:.0%} |"
+                )
+                lines.append(row.replace("| nan |", "| — |"))
+    lines += ["", "kubectl runs against the modern server only: it offers v5 alone over WebSocket, then "
+              "falls back to SPDY, which the test server does not speak.", "",
+              "Targets, at concurrency 1 (from the table above):", "",
+              "| server | target | figure | met? |", "|---|---|---|---|"]  # fmt: skip
+    for mode in MODES:
+        for cost, target in WARM_TARGETS.items():
+            ratio = (
+                figures.p50[(mode, cost, "proxy-kube warm", 1)] / figures.p50[(mode, cost, "direct-ws", 1)]
             )
-    lines += ["", "Targets (issue 12):"]
-    for cost, target in ((0.025, 0.25), (0.0, 0.6)):
-        for level in levels:
-            ratio = figures.p50[(cost, "proxy-kube warm", level)] / figures.p50[(cost, "direct-ws", level)]
-            verdict = "met" if ratio <= target else "**not met**"
             lines.append(
-                f"- at {cost * 1000:.0f} ms, concurrency {level}: warm <= {target} x direct-ws: "
-                f"{ratio:.2f}, {verdict}"
+                f"| {mode} | warm <= {target} x direct-ws at {cost * 1000:.0f} ms start cost | "
+                f"{ratio:.2f} x | {verdict(ratio <= target)} |"
             )
+        for cost in START_COSTS:
+            cold = figures.p50[(mode, cost, "proxy-kube cold", 1)] - figures.p50[(mode, cost, "direct-ws", 1)]
+            lines.append(
+                f"| {mode} | cold <= direct-ws + {COLD_MARGIN * 1000:.0f} ms at {cost * 1000:.0f} ms start cost "
+                f"| {cold * 1000:+.1f} ms | {verdict(cold <= COLD_MARGIN)} |"
+            )
+        for cost in START_COSTS if mode in KUBECTL_MODES else ():
+            for who in ("proxy-kube warm", "proxy-kube cold"):
+                ratio = figures.p50[(mode, cost, who, 1)] / figures.p50[(mode, cost, "kubectl", 1)]
+                lines.append(
+                    f"| {mode} | {who} <= {KUBECTL_TARGET} x kubectl at {cost * 1000:.0f} ms start cost "
+                    f"| {ratio:.2f} x | {verdict(ratio <= KUBECTL_TARGET)} |"
+                )
     idle = figures.idle
     lines += [
         "",
@@ -227,3 +263,7 @@ def render(figures: WarmFigures, runs: int, levels: tuple[int, ...]) -> str:
         f"(other workspace processes left by the one request: {idle['workspace_other']:.0f}).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def verdict(met: bool) -> str:
+    return "yes" if met else "**no**"

@@ -388,12 +388,15 @@ async def test_token_rotation_mid_session(
     Path(in_cluster["token_file"]).write_text("token-b-rotated\n")
     kube.tokens.clear()
     kube.add_token("token-b-rotated")
+    rotated_at = len(kube.requests)
     events = await exec_events(http, proxy, {"command": ["echo", "after rotation"]})
     assert output_of(events, "stdout") == b"after rotation\n"
     # On the warm path the command ran on an exec opened before the rotation; the pool's refill
     # is what meets the 401: wait in the request log for its retry with the file's new token.
     async with asyncio.timeout(20):
-        while "Bearer token-b-rotated" not in [r.headers.get("Authorization") for r in kube.requests]:
+        while "Bearer token-b-rotated" not in [
+            r.headers.get("Authorization") for r in kube.requests[rotated_at:]
+        ]:
             await asyncio.sleep(0.02)
     async with http.get(f"{proxy.ops_url}/metrics") as response:
         metrics = await response.text()

@@ -189,7 +189,7 @@ async def test_dead_man_switch_when_the_proxy_is_killed(
     assert start["warm"] is (exec_path == "warm")
     await wait_for_processes(marker, 2)
     if exec_path == "warm":
-        await wait_for_pool(running, 2)  # the one taken was replaced: two wait beside the command
+        await wait_for_pool(running, 1)  # one waits beside the command (its replacement after it)
     proxy.process.send_signal(signal.SIGKILL)
     assert await survivors(marker) == []
     assert await pod_survivors(pod.uid) == []

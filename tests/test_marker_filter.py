@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from session_proxy.backends.kubernetes.wrapper import Marker, MarkerFilter, encode_header, escape
+from session_proxy.backends.kubernetes.wrapper import (
+    LINE_VALUE_LIMIT,
+    ExitReport,
+    Marker,
+    MarkerFilter,
+    encode_header,
+)
 
 NONCE = "ab" * 16
 
@@ -37,13 +43,22 @@ def test_held_bytes_come_back_on_flush() -> None:
     assert run([b"tail\x1eSP" + NONCE[:5].encode()]) == (b"tail\x1eSP" + NONCE[:5].encode(), [])
 
 
-def test_header_escapes_every_byte() -> None:
-    """Header values are plain ASCII escapes, whatever they hold: the script never evaluates them."""
-    assert escape(b"$(x)\n'") == "\\0044\\0050\\0170\\0051\\0012\\0047"
-    header = encode_header(nonce=NONCE, argv=["a b", "\udcff"], workdir="/w", env={"K": "v"},
-                           stdin_length=3, deadline=10, grace=2)  # fmt: skip
-    assert header.isascii()
-    assert header.decode().splitlines() == [
-        "SP1", NONCE, "10", "2", "3", escape(b"/w"),
-        "1", escape(b"K=v"), "2", escape(b"a b"), escape(b"\xff"),
-    ]  # fmt: skip
+def test_header_carries_values_as_lines_or_length_prefixed() -> None:
+    """A short value without a newline is one `=` line; one with a newline, or a long one, is
+    length-prefixed raw bytes, so the script takes it with one read; the header ends with `.`."""
+    long = "y" * (LINE_VALUE_LIMIT + 1)
+    header = encode_header(nonce=NONCE, argv=["a b", "\udcff", "$(x)\n'", long], workdir="/w",
+                           env={"K": "v"}, stdin_length=3, deadline=10, grace=2)  # fmt: skip
+    assert header == b"".join([
+        b"SP2\n", NONCE.encode(), b"\n10\n2\n1\n3\n=/w\n1\n=K=v\n4\n=a b\n=\xff\n:6\n$(x)\n'",
+        b":%d\n" % len(long), long.encode(), b".\n",
+    ])  # fmt: skip
+
+
+def test_exit_report_says_whether_the_group_was_empty() -> None:
+    """`exit:STATUS` leaves the drain on; `exit:STATUS:empty` says nothing is left to write;
+    anything else is no exit report at all."""
+    assert ExitReport.parse("0") == ExitReport(0, group_empty=False)
+    assert ExitReport.parse("143:empty") == ExitReport(143, group_empty=True)
+    for bad in ("", "x", "1:full", "-1", "1:empty:x"):
+        assert ExitReport.parse(bad) is None, bad

@@ -153,11 +153,13 @@ class ExitDrain:
 
     First, output the command wrote before it exited is waited for, at most ``OUTPUT_WAIT``
     from when the exit is seen (streams can be reordered on their way). Then, once it has all
-    arrived, whatever leftovers still write is forwarded until a quiet spell of ``DRAIN_QUIET``
-    and at most ``DRAIN_LIMIT``.
+    arrived, whatever leftovers still write is forwarded until a quiet spell of ``quiet`` and at
+    most ``limit`` (``DRAIN_QUIET`` and ``DRAIN_LIMIT`` unless a test asks otherwise).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: float = DRAIN_QUIET, limit: float = DRAIN_LIMIT) -> None:
+        self.quiet = quiet
+        self._limit = limit
         self._exit_seen: float | None = None
         self._deadline: float | None = None
 
@@ -171,14 +173,14 @@ class ExitDrain:
         if self._exit_seen is None:
             self._exit_seen = now
         if self._deadline is None and (output_complete or now >= self._exit_seen + OUTPUT_WAIT):
-            self._deadline = now + DRAIN_LIMIT
+            self._deadline = now + self._limit
 
     def remaining(self, now: float) -> float:
         """Seconds left of the current phase; the full budget until ``begin`` was called."""
         if self._deadline is not None:
             return self._deadline - now
         if self._exit_seen is None:
-            return DRAIN_LIMIT
+            return self._limit
         return self._exit_seen + OUTPUT_WAIT - now
 
 
@@ -200,7 +202,7 @@ async def next_output(source: OutputSource, drain: ExitDrain) -> OutputChunk | N
             continue
         wait = drain.remaining(loop.time())
         try:
-            async with asyncio.timeout(min(DRAIN_QUIET, wait) if drain.settled else wait):
+            async with asyncio.timeout(min(drain.quiet, wait) if drain.settled else wait):
                 await source.changed()
         except TimeoutError:
             if drain.settled:

@@ -177,12 +177,7 @@ class KubeApi:
         return error_from_body(status, body, what)
 
     def exec_url(self, namespace: str, pod: str, container: str, argv: list[str], *, stdin: bool) -> str:
-        query = [("command", argument) for argument in argv]
-        query += [("container", container), ("stdout", "true"), ("stderr", "true")]
-        if stdin:
-            query.append(("stdin", "true"))
-        path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/exec"
-        return self.host + path + "?" + urlencode(query, quote_via=quote)
+        return self.host + exec_target(namespace, pod, container, argv, stdin=stdin)
 
     async def open_exec(self, url: str, user_agent: str) -> ExecStream:
         """Upgrade to an exec WebSocket, offering v5 then v4 (one header; the server picks)."""
@@ -224,3 +219,15 @@ async def _read_capped(content: aiohttp.StreamReader, cap: int) -> tuple[bytes, 
         if len(body) > cap:  # the rest is dropped with the connection
             return bytes(body[:cap]), True
     return bytes(body), False
+
+
+def exec_target(namespace: str, pod: str, container: str, argv: list[str], *, stdin: bool) -> str:
+    """The path and query of a pod's exec request."""
+    query = [("command", argument) for argument in argv]
+    query += [("container", container), ("stdout", "true"), ("stderr", "true")]
+    if stdin:
+        query.append(("stdin", "true"))
+    path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/exec"
+    # Spaces as `+`, as kubectl sends them: the wrapper script stays well inside the 8 KiB
+    # request line that common proxies (and aiohttp) accept.
+    return path + "?" + urlencode(query)

@@ -21,7 +21,7 @@ from .api import KubeApi
 from .api_errors import KubeError
 from .discovery import Workspace, WorkspaceLocator, WorkspaceProblem, assess
 from .exec_stream import STDOUT, ExecStream
-from .execution import KubernetesExecution, explain_exec_failure
+from .execution import AfterExit, KubernetesExecution, explain_exec_failure
 from .image_probe import NO_GUARANTEES, ImageTools, Inconclusive, read_probe
 from .supervised import SupervisedExecution, read_supervisor_probe, supervisor_header
 from .warm_pool import WarmPool, WorkspaceReplaced
@@ -39,8 +39,9 @@ LOG_LIMIT_BYTES: Final = 1024 * 1024
 class KubernetesBackend:
     name = "kubernetes"
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, after_exit: AfterExit | None = None) -> None:
         self._settings = settings
+        self._after_exit = after_exit or AfterExit()
         self._metrics = metrics
         self._api = KubeApi(
             settings,
@@ -104,10 +105,12 @@ class KubernetesBackend:
             stdin_length=len(spec.stdin or b""),
             deadline=max(1, remaining) + math.ceil(self._settings.kill_grace) + BACKSTOP_MARGIN,
             grace=math.ceil(self._settings.kill_grace),
+            leftover_grace=self._after_exit.leftover_grace,
         )
         stdin = spec.stdin or b""
         stream = await self._take_warm(workspace, header, spec.exec_id)
         warm = stream is not None
+        on_end = self._pool.released if warm and self._pool is not None else None
         if stream is None:
             stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
             stdin = header + stdin
@@ -121,6 +124,8 @@ class KubernetesBackend:
             stdin=stdin,
             program=spec.argv[0],
             warm=warm,
+            drain=self._after_exit.drain(),
+            on_end=on_end,
         )
 
     async def _start_supervised(
@@ -132,6 +137,7 @@ class KubernetesBackend:
         stdin = spec.stdin or b""
         stream = await self._take_warm(workspace, header, spec.exec_id)
         warm = stream is not None
+        on_end = self._pool.released if warm and self._pool is not None else None
         if stream is None:
             argv = [self._settings.workspace_supervisor]
             stream = await self._open(workspace, argv, spec.exec_id, stdin=True)
@@ -145,6 +151,8 @@ class KubernetesBackend:
             stdin=stdin,
             program=spec.argv[0],
             warm=warm,
+            drain=self._after_exit.drain(),
+            on_end=on_end,
         )
 
     async def _take_warm(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:

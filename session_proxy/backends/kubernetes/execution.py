@@ -4,6 +4,11 @@ The exit comes from the wrapper's nonce-carrying marker, not from the end of the
 a background child holding the pipes can put off for ever). A stream that ends without that
 marker is explained from what is known: the exec's own status (channel 3), whether the pod is
 still there, or else ``transport_lost``, never a made-up exit 0.
+
+Whether to wait for more after the exit is decided in one place, ``output_over``: the command's
+own output is complete at its exit marker (stderr) and its end-of-stdout marker (stdout); when
+the exit report also says its group was empty, nothing can follow and the request ends there,
+with no wait. Otherwise leftovers may still write, and their output is drained (``ExitDrain``).
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 from ...models import ExitReason, Guarantees
 from ...tasks import cancel_and_wait
-from ..base import ExitDrain, ExitStatus, OutputChunk, StreamName, next_output
+from ..base import DRAIN_LIMIT, DRAIN_QUIET, ExitDrain, ExitStatus, OutputChunk, StreamName, next_output
 from .exec_stream import STDOUT, ExecStream
-from .wrapper import Marker, MarkerFilter
+from .wrapper import LEFTOVER_GRACE, ExitReport, Marker, MarkerFilter
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,21 @@ ENDED_BY_WRAPPER: Final[dict[str, tuple[ExitReason, str]]] = {
     "deadline": ("timeout", "the workspace wrapper's backstop deadline ended the command"),
     "gone": ("transport_lost", "the exec stream's input closed, so the workspace wrapper ended the command"),
 }
+
+
+@dataclass(frozen=True)
+class AfterExit:
+    """How long a request may wait on what a command left behind: the drain of leftovers'
+    output (quiet spell, limit) and the wrapper's grace before it ends them. Fixed in
+    production; a test sets them absurdly long to prove that nothing waits on them when
+    nothing is left."""
+
+    drain_quiet: float = DRAIN_QUIET
+    drain_limit: float = DRAIN_LIMIT
+    leftover_grace: int = LEFTOVER_GRACE
+
+    def drain(self) -> ExitDrain:
+        return ExitDrain(self.drain_quiet, self.drain_limit)
 
 
 def explain_exec_failure(status: ExitStatus) -> ExitStatus:
@@ -55,6 +76,8 @@ class KubernetesExecution:
         stdin: bytes | None,
         program: str = "",
         warm: bool = False,
+        drain: ExitDrain | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self.target = target
         self.warm = warm  # the header went to a pre-opened exec
@@ -72,9 +95,11 @@ class KubernetesExecution:
         self._pgid: int | None = None
         self._exit: ExitStatus | None = None
         self._exit_reported = False  # the wrapper said the command ended (else it may still run)
+        self._group_empty = False  # ... and that nothing of it was left in its group then
         self._ended_by: str | None = None  # the wrapper's reason, when it ended the command itself
         self._stream_over = False
-        self._drain = ExitDrain()
+        self._drain = drain or ExitDrain()
+        self._on_end = on_end  # told once, when the request is over (the exit event is out)
         self._feeder = asyncio.create_task(self._feed(stdin), name="kube-stdin") if stdin else None
 
     async def _feed(self, data: bytes) -> None:
@@ -92,7 +117,13 @@ class KubernetesExecution:
 
     @property
     def stream_open(self) -> bool:
-        return not self._stream_over
+        return not self._stream_over and not self.output_over
+
+    @property
+    def output_over(self) -> bool:
+        """Nothing more can come: the command's own output is all in (both end markers) and
+        nothing was left in its group to write more."""
+        return self._exit_reported and self._stdout_complete and self._group_empty
 
     def take(self) -> OutputChunk | None:
         return self._pending.popleft() if self._pending else None
@@ -153,12 +184,14 @@ class KubernetesExecution:
             self._pgid = int(marker.value)
         elif marker.kind in ENDED_BY_WRAPPER:
             self._ended_by = marker.kind
-        elif marker.kind == "exit" and marker.value.isdigit():
-            self._exit = self._exit_of(int(marker.value))
+        elif marker.kind == "exit" and (report := ExitReport.parse(marker.value)) is not None:
+            self._exit = self._exit_of(report.status)
             self._exit_reported = True
+            self._group_empty = report.group_empty
         elif marker.kind == "error":
             self._exit_reported = True
             self._stdout_complete = True  # the command never ran: no stdout to wait for
+            self._group_empty = True
             self._exit = self._wrapper_error(marker.value)
 
     def _exit_of(self, code: int) -> ExitStatus:
@@ -187,20 +220,32 @@ class KubernetesExecution:
             # The wrapper ends leftovers of the group itself; closing our end is its last cue.
             await self.close()
             return None
+        if self._pgid is None and self._filter is not None:
+            # The wrapper reports the group as it forks the command, but a request can end
+            # before that report was read: read on for it, so the kill exec is not skipped.
+            await self._read_until(lambda: self._pgid is not None)
         if self._pgid is not None:
             try:
                 await self._kill_group(self._pgid, grace)
             except Exception:  # the dead-man switch below still ends it
                 log.warning("kill exec failed; relying on the wrapper's dead-man switch", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
-                    while not self._exit_reported and not self._stream_over:
-                        await self._receive()
-                        self._pending.clear()  # output after the end is not forwarded
+            await self._read_until(lambda: False)
         await self.close()
         return self._exit
 
+    async def _read_until(self, done: Callable[[], bool]) -> None:
+        """Read the stream until ``done``, the exit report or the stream's end (bounded); output
+        read here, after the end, is not forwarded."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_AFTER_KILL_TIMEOUT):
+                while not done() and not self._exit_reported and not self._stream_over:
+                    await self._receive()
+                    self._pending.clear()
+
     async def close(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
         try:
             if self._feeder is not None:
                 await cancel_and_wait(self._feeder)

@@ -21,6 +21,10 @@ started is left running. An exec is opened by pod name, so one opened after the 
 replaced under the same name lands in the new pod: the opener then raises
 ``WorkspaceReplaced`` and the pool lets go of the old uid. Warm execs opened with credentials
 that may have lost their rights (the token file changed, a call answered 401 or 403) are closed.
+
+A warm exec taken by a request is replaced once that request has ended (its exit event sent),
+so the replacement's handshake and spawn do not compete with the command it stands in for;
+only a pool that would otherwise be empty is refilled at once.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class WarmPool:
         self._workspace: Workspace | None = None
         self._ready: list[WarmExec] = []
         self._opening = 0
+        self._in_use = 0  # handed out and not released yet: their replacements wait
         self._last_request = 0.0
         self._failures = 0  # consecutive refused opens and early deaths
         self._retry_at = 0.0
@@ -119,9 +124,11 @@ class WarmPool:
         except BaseException:
             # Cancelled mid-header: closing it is stdin EOF, which ends whatever it started.
             self.discard(warm, "abandoned")
+            self.released()
             raise
         if not written:
             self.discard(warm, "write_failed")
+            self.released()
             return None
         self._failures = 0  # the exec is the request's now; the pool works again
         log.debug("exec on a warm exec", extra={"exec_id": exec_id, "warm_exec": warm.warm_id})
@@ -139,17 +146,26 @@ class WarmPool:
             self._refused = False
         self._ensure_keeper()
         self._wake.set()
-        while self._ready:
-            warm = self._ready.pop(0)
+        # Only the execs ready now are tried: one the keeper opens meanwhile would be another
+        # wait for this request. A silent one ends the search, as its ping took the full timeout.
+        for warm in list(self._ready):
+            if warm not in self._ready:
+                continue  # discarded meanwhile (its age, a new token)
+            self._ready.remove(warm)
+            self._in_use += 1  # handed out: its replacement waits until it is released
             self._set_gauge()
             try:
                 unusable = await self._why_unusable(warm)
             except BaseException:
                 self.discard(warm, "abandoned")  # the request is gone (cancelled): nothing ran
+                self.released()
                 raise
             if unusable is None:
                 return warm
             self.discard(warm, unusable)
+            self.released()
+            if unusable == "silent":
+                break
         return None
 
     async def _why_unusable(self, warm: WarmExec) -> DiscardReason | None:
@@ -162,6 +178,12 @@ class WarmPool:
         if stream.peer_silent:
             return "silent"
         return "closed" if stream.ended else "unexpected_output"
+
+    def released(self) -> None:
+        """A warm exec that ``take`` handed out is done with (its request ended, or it could
+        not be used): its replacement may open now."""
+        self._in_use -= 1
+        self._wake.set()
 
     def discard(self, warm: WarmExec, reason: DiscardReason) -> None:
         """Close a warm exec unused (stdin EOF: the waiting wrapper exits) and count why."""
@@ -223,7 +245,7 @@ class WarmPool:
             for warm in [w for w in self._ready if now - w.opened_at >= self._max_age]:
                 self._failures = 0  # it lived its full age: not a failure
                 self.discard(warm, "max_age")
-            if len(self._ready) < self._size and not self._refused and now >= self._retry_at:
+            if self._wanted() and not self._refused and now >= self._retry_at:
                 try:
                     await self._open_one(self._workspace)
                 except Exception:  # not the API's refusal: say so, back off, keep the pool going
@@ -235,9 +257,17 @@ class WarmPool:
     def _next_deadline(self, now: float) -> float:
         deadlines = [self._last_request + self._idle]
         deadlines += [w.opened_at + self._max_age for w in self._ready]
-        if not self._refused and len(self._ready) < self._size:
+        if not self._refused and self._wanted():
             deadlines.append(self._retry_at)
         return max(now, min(deadlines))
+
+    def _wanted(self) -> int:
+        """Warm execs to open now: the pool's shortfall, less the replacements of requests still
+        running, unless the pool would be empty."""
+        missing = self._size - len(self._ready) - self._opening
+        if not self._ready and not self._opening:
+            return missing
+        return max(0, missing - self._in_use)
 
     async def _sleep_until(self, deadline: float) -> None:
         with contextlib.suppress(TimeoutError):

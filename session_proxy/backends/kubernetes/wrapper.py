@@ -2,9 +2,10 @@
 
 Kubernetes exec has no workdir, env or kill, cannot send stdin EOF on v4, and puts the argv in
 the URL (and so in the API server's audit log). So the exec URL only ever says
-``/bin/sh -c WRAPPER_SCRIPT``; everything the caller chose travels over stdin as a header,
-every value escaped byte by byte as ``\\0ooo`` so the script recovers it with ``printf %b``,
-which decodes data and never evaluates it. The user's stdin bytes follow the header.
+``/bin/sh -c WRAPPER_SCRIPT``; everything the caller chose travels over stdin as a header of
+plain values the script stores and never evaluates: a short one on a line of its own, one with
+a newline or a long one length-prefixed, so the script takes it in one read instead of byte
+by byte. The user's stdin bytes follow the header.
 
 The scripts are package files beside this module (``wrapper.sh`` documents the header and the
 markers; ``kill.sh`` is the second exec that ends a group from outside; ``probe.sh`` lists the
@@ -20,7 +21,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
-PROTOCOL_TAG: Final = "SP1"
+PROTOCOL_TAG: Final = "SP2"
+HEADER_END: Final = "."
+# Longer values go length-prefixed: the shell's `read` takes a pipe one byte per system call,
+# `head -c` (one fork) takes the whole value at once.
+LINE_VALUE_LIMIT: Final = 1024
+# Seconds before what a command left in its group is ended (see wrapper.sh).
+LEFTOVER_GRACE: Final = 1
 MARKER_DELIMITER: Final = b"\x1e"
 SHELL: Final = "/bin/sh"
 
@@ -48,9 +55,11 @@ KILL_SCRIPT: Final = load_script("end_group.sh", "kill.sh")
 PROBE_SCRIPT: Final = load_script("probe.sh")
 
 
-def escape(value: bytes) -> str:
-    """Every byte as ``\\0ooo``: plain ASCII that ``printf %b`` turns back into the bytes."""
-    return "".join(f"\\0{byte:03o}" for byte in value)
+def encode_value(value: bytes) -> bytes:
+    """``=TEXT\\n`` for a short value without a newline, else ``:LENGTH\\n`` and the raw bytes."""
+    if len(value) <= LINE_VALUE_LIMIT and b"\n" not in value:
+        return b"=" + value + b"\n"
+    return b":%d\n" % len(value) + value
 
 
 def to_bytes(text: str) -> bytes:
@@ -71,26 +80,40 @@ def encode_header(
     stdin_length: int,
     deadline: int,
     grace: int,
+    leftover_grace: int = LEFTOVER_GRACE,
 ) -> bytes:
-    lines = [
-        PROTOCOL_TAG,
-        nonce,
-        str(max(1, deadline)),
-        str(max(0, grace)),
-        str(stdin_length),
-        escape(to_bytes(workdir)) if workdir else "",
-        str(len(env)),
-        *(escape(to_bytes(f"{name}={value}")) for name, value in env.items()),
-        str(len(argv)),
-        *(escape(to_bytes(argument)) for argument in argv),
-    ]
-    return ("\n".join(lines) + "\n").encode("ascii")
+    numbers = (max(1, deadline), max(0, grace), max(0, leftover_grace), stdin_length)
+    parts = [f"{PROTOCOL_TAG}\n{nonce}\n".encode("ascii")]
+    parts += [b"%d\n" % number for number in numbers]
+    parts.append(encode_value(to_bytes(workdir) if workdir else b""))
+    parts.append(b"%d\n" % len(env))
+    parts += [encode_value(to_bytes(f"{name}={value}")) for name, value in env.items()]
+    parts.append(b"%d\n" % len(argv))
+    parts += [encode_value(to_bytes(argument)) for argument in argv]
+    parts.append(f"{HEADER_END}\n".encode("ascii"))
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)
 class Marker:
     kind: str  # pgid, exit, gone, deadline, error
     value: str
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    """An ``exit`` marker's value: the command's status, and whether its group was empty then
+    (nothing of it left that could still write), as ``STATUS`` or ``STATUS:empty``."""
+
+    status: int
+    group_empty: bool
+
+    @classmethod
+    def parse(cls, value: str) -> ExitReport | None:
+        status, _, flag = value.partition(":")
+        if not status.isdigit() or flag not in ("", "empty"):
+            return None
+        return cls(int(status), flag == "empty")
 
 
 class MarkerFilter:
