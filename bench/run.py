@@ -585,9 +585,12 @@ async def warm_section(work: Path, sizes: Sizes, command: str) -> str:
 
     started = f"Run on {date.today().isoformat()}, {psutil.cpu_count()} CPUs; `{command}`."
 
+    from tests.supervisor_build import supervisor_binary
+
     figures = await warm_start.measure(
-        work, sizes.warm_runs, sizes.warm_levels, sizes.idle_seconds, Spawned, start_proxy, Contenders
-    )
+        work, sizes.warm_runs, sizes.warm_levels, sizes.idle_seconds, Spawned, start_proxy, Contenders,
+        supervisor_binary(),
+    )  # fmt: skip
     return warm_start.render(figures, sizes.warm_runs, sizes.warm_levels, started)
 
 

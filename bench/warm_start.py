@@ -7,6 +7,9 @@ Contenders, all against the same server, p50 of `true`:
   proxy-kube warm   session-proxy with a warm pool (each sample starts with the pool full: the
                     steady state of an agent that thinks between commands)
   proxy-kube cold   session-proxy with --warm-execs 0 (a new exec per command)
+                    (each of these two under both workspace runners: `sh`, the shell wrapper that
+                    any image with /bin/sh gets; `sup`, the static workspace supervisor that the
+                    session template installs)
   direct-ws         an in-process WebSocket exec, plain argv, no proxy hop
   kubectl           the real `kubectl exec` binary
 Then the idle cost: a proxy with the default pool, idle, over a period: its RSS and CPU, and the
@@ -32,7 +35,9 @@ START_COSTS = (0.0, 0.025)
 MODES = ("modern", "old")
 # kubectl speaks v5 only over WebSocket, then falls back to SPDY, which the test server lacks.
 KUBECTL_MODES = ("modern",)
-CONTENDERS = ("proxy-kube warm", "proxy-kube cold", "direct-ws", "kubectl")
+RUNNERS = ("sh", "sup")  # the shell wrapper; the workspace supervisor
+PROXIED = tuple(f"proxy-kube {path} {runner}" for runner in RUNNERS for path in ("warm", "cold"))
+CONTENDERS = (*PROXIED, "direct-ws", "kubectl")
 # Targets, at concurrency 1: warm / direct-ws by start cost; cold - direct-ws; proxy / kubectl.
 WARM_TARGETS = {0.0: 0.75, 0.025: 0.25}
 COLD_MARGIN = 0.005
@@ -94,7 +99,7 @@ async def sample(
 
 async def measure_cost(
     mode: str, cost: float, work: Path, runs: int, levels: tuple[int, ...], spawn: Any, start_proxy: Any,
-    contenders: Any,
+    contenders: Any, supervisor: Path,
 ) -> tuple[dict[Cell, float], dict[tuple[str, float, int], float]]:  # fmt: skip
     name = f"{mode}-cost-{int(cost * 1000)}ms"
     api = spawn([sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / name), "--mode", mode,
@@ -106,25 +111,39 @@ async def measure_cost(
         kubeconfig = Path(api.wait_for(r"kubeconfig: (\S+)").group(1))
         flags = ("--backend", "kubernetes", "--kubeconfig", str(kubeconfig), "--session-name", "demo")
         pool = max(levels)
-        warm, warm_url, _, _ = start_proxy(work, f"{name}-warm", *flags, "--warm-execs", str(pool))
-        cold, cold_url, _, _ = start_proxy(work, f"{name}-cold", *flags, "--warm-execs", "0")
-        spawned += [warm, cold]
-        async with contenders(kubeconfig, work, warm_url, cold_url).opened() as ready:
+        urls: dict[str, str] = {}
+        for runner, where in (("sh", work / "no-supervisor"), ("sup", supervisor)):
+            for path, size in (("warm", pool), ("cold", 0)):
+                proxy, urls[f"proxy-kube {path} {runner}"], _, _ = start_proxy(
+                    work, f"{name}-{path}-{runner}", *flags, "--warm-execs", str(size),
+                    "--workspace-supervisor", str(where))  # fmt: skip
+                spawned.append(proxy)
+        async with contenders(
+            kubeconfig, work, urls["proxy-kube warm sh"], urls["proxy-kube cold sh"]
+        ).opened() as ready:
             http = ready.http
 
             async def nothing() -> None:
                 return None
 
-            async def full_pool() -> None:
-                await wait_for_full_pool(http, warm_url, pool)
+            def full_pool(url: str) -> Callable[[], Awaitable[None]]:
+                async def wait() -> None:
+                    await wait_for_full_pool(http, url, pool)
+
+                return wait
 
             async def via(runner: Any) -> bool:
                 await runner(["true"], None)
                 return False
 
+            def proxied(url: str) -> Callable[[], Awaitable[bool]]:
+                return lambda: exec_true(http, url)
+
             runs_by_name: dict[str, tuple[Callable[[], Awaitable[bool]], Callable[[], Awaitable[None]]]] = {
-                "proxy-kube warm": (lambda: exec_true(http, warm_url), full_pool),
-                "proxy-kube cold": (lambda: exec_true(http, cold_url), nothing),
+                who: (proxied(url), full_pool(url) if " warm " in who else nothing)
+                for who, url in urls.items()
+            }
+            runs_by_name |= {
                 "direct-ws": (lambda: via(ready.via_websocket), nothing),
                 "kubectl": (lambda: via(ready.via_kubectl), nothing),
             }
@@ -135,8 +154,9 @@ async def measure_cost(
                     run, before = runs_by_name[who]
                     durations, warm_starts = await sample(run, level, runs, before)
                     p50[(mode, cost, who, level)] = statistics.median(durations)
-                    if who == "proxy-kube warm":
-                        share[(mode, cost, level)] = warm_starts / len(durations)
+                    if " warm " in who:
+                        share[(mode, cost, level)] = min(share.get((mode, cost, level), 1.0),
+                                                         warm_starts / len(durations))  # fmt: skip
     finally:
         for process in reversed(spawned):
             process.stop()
@@ -184,12 +204,14 @@ async def measure_idle(work: Path, seconds: float, spawn: Any, start_proxy: Any)
 
 async def measure(
     work: Path, runs: int, levels: tuple[int, ...], idle_seconds: float, spawn: Any, start_proxy: Any,
-    contenders: Any,
+    contenders: Any, supervisor: Path,
 ) -> WarmFigures:  # fmt: skip
     figures = WarmFigures()
     for mode in MODES:
         for cost in START_COSTS:
-            p50, share = await measure_cost(mode, cost, work, runs, levels, spawn, start_proxy, contenders)
+            p50, share = await measure_cost(
+                mode, cost, work, runs, levels, spawn, start_proxy, contenders, supervisor
+            )
             figures.p50.update(p50)
             figures.warm_share.update(share)
     figures.idle = await measure_idle(work, idle_seconds, spawn, start_proxy)
@@ -197,6 +219,9 @@ async def measure(
 
 
 def render(figures: WarmFigures, runs: int, levels: tuple[int, ...], started: str) -> str:
+    def ms(mode: str, cost: float, who: str, level: int) -> float:
+        return figures.p50.get((mode, cost, who, level), float("nan")) * 1000
+
     lines = [
         "## Warm execs: start cost of `true`, warm and cold, against the alternatives",
         "",
@@ -205,52 +230,61 @@ def render(figures: WarmFigures, runs: int, levels: tuple[int, ...], started: st
         f"p50 ms of `true`, {runs} samples per cell, on both modes of the API test server (modern: v5 "
         "and v4; old: v4 only), at each concurrency and modelled container-runtime start cost "
         "(`exec_start_delay` on the API test server, before each exec'd process starts; runc exec alone "
-        "measured 4-27 ms, opencontainers/runc #4432, #4448). proxy-kube warm runs with a pool as large "
-        f"as the concurrency (`--warm-execs {max(levels)}`), each batch starting with it full; cold with "
-        "`--warm-execs 0`.",
+        "measured 4-27 ms, opencontainers/runc #4432, #4448). The proxy runs commands under either "
+        "workspace runner: **sup**, the static workspace supervisor the session template installs, and "
+        "**sh**, the shell wrapper any image with `/bin/sh` gets. Warm: a pool as large as the concurrency "
+        f"(`--warm-execs {max(levels)}`), each batch starting with it full; cold: `--warm-execs 0`.",
         "",
-        "| server | start cost | concurrency | proxy-kube warm | proxy-kube cold | direct-ws | kubectl "
-        "| warm / direct-ws | cold − direct-ws | warm / kubectl | warm starts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | start cost | concurrency | warm sup | cold sup | warm sh | cold sh | direct-ws | kubectl "
+        "| warm sup / direct-ws | warm sh / direct-ws | cold sup − direct-ws | warm starts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         for cost in START_COSTS:
             for level in levels:
-                warm, cold, direct, kubectl = (
-                    figures.p50.get((mode, cost, who, level), float("nan")) * 1000 for who in CONTENDERS
+                cell = (mode, cost)
+                warm_sup, cold_sup = (
+                    ms(*cell, "proxy-kube warm sup", level),
+                    ms(*cell, "proxy-kube cold sup", level),
                 )
+                warm_sh, cold_sh = (
+                    ms(*cell, "proxy-kube warm sh", level),
+                    ms(*cell, "proxy-kube cold sh", level),
+                )
+                direct, kubectl = ms(*cell, "direct-ws", level), ms(*cell, "kubectl", level)
                 row = (
-                    f"| {mode} | {cost * 1000:.0f} ms | {level} | {warm:.1f} | {cold:.1f} | {direct:.1f} "
-                    f"| {kubectl:.1f} | **{warm / direct:.2f}** | {cold - direct:+.1f} ms | {warm / kubectl:.2f} "
+                    f"| {mode} | {cost * 1000:.0f} ms | {level} | {warm_sup:.1f} | {cold_sup:.1f} | {warm_sh:.1f} "
+                    f"| {cold_sh:.1f} | {direct:.1f} | {kubectl:.1f} | **{warm_sup / direct:.2f}** "
+                    f"| {warm_sh / direct:.2f} | {cold_sup - direct:+.1f} ms "
                     f"| {figures.warm_share[(mode, cost, level)]:.0%} |"
                 )
                 lines.append(row.replace("| nan |", "| — |"))
     lines += ["", "kubectl runs against the modern server only: it offers v5 alone over WebSocket, then "
               "falls back to SPDY, which the test server does not speak.", "",
-              "Targets, at concurrency 1 (from the table above):", "",
-              "| server | target | figure | met? |", "|---|---|---|---|"]  # fmt: skip
+              "Targets, at concurrency 1 (from the table above), for each runner:", "",
+              "| server | runner | target | figure | met? |", "|---|---|---|---|---|"]  # fmt: skip
     for mode in MODES:
-        for cost, target in WARM_TARGETS.items():
-            ratio = (
-                figures.p50[(mode, cost, "proxy-kube warm", 1)] / figures.p50[(mode, cost, "direct-ws", 1)]
-            )
-            lines.append(
-                f"| {mode} | warm <= {target} x direct-ws at {cost * 1000:.0f} ms start cost | "
-                f"{ratio:.2f} x | {verdict(ratio <= target)} |"
-            )
-        for cost in START_COSTS:
-            cold = figures.p50[(mode, cost, "proxy-kube cold", 1)] - figures.p50[(mode, cost, "direct-ws", 1)]
-            lines.append(
-                f"| {mode} | cold <= direct-ws + {COLD_MARGIN * 1000:.0f} ms at {cost * 1000:.0f} ms start cost "
-                f"| {cold * 1000:+.1f} ms | {verdict(cold <= COLD_MARGIN)} |"
-            )
-        for cost in START_COSTS if mode in KUBECTL_MODES else ():
-            for who in ("proxy-kube warm", "proxy-kube cold"):
-                ratio = figures.p50[(mode, cost, who, 1)] / figures.p50[(mode, cost, "kubectl", 1)]
+        for runner in ("sup", "sh"):
+            warm_who, cold_who = f"proxy-kube warm {runner}", f"proxy-kube cold {runner}"
+            for cost, target in WARM_TARGETS.items():
+                ratio = ms(mode, cost, warm_who, 1) / ms(mode, cost, "direct-ws", 1)
                 lines.append(
-                    f"| {mode} | {who} <= {KUBECTL_TARGET} x kubectl at {cost * 1000:.0f} ms start cost "
-                    f"| {ratio:.2f} x | {verdict(ratio <= KUBECTL_TARGET)} |"
+                    f"| {mode} | {runner} | warm <= {target} x direct-ws at {cost * 1000:.0f} ms start cost | "
+                    f"{ratio:.2f} x | {verdict(ratio <= target)} |"
                 )
+            for cost in START_COSTS:
+                cold = ms(mode, cost, cold_who, 1) - ms(mode, cost, "direct-ws", 1)
+                lines.append(
+                    f"| {mode} | {runner} | cold <= direct-ws + {COLD_MARGIN * 1000:.0f} ms at {cost * 1000:.0f} ms "
+                    f"start cost | {cold:+.1f} ms | {verdict(cold <= COLD_MARGIN * 1000)} |"
+                )
+            for cost in START_COSTS if mode in KUBECTL_MODES else ():
+                for who in (warm_who, cold_who):
+                    ratio = ms(mode, cost, who, 1) / ms(mode, cost, "kubectl", 1)
+                    lines.append(
+                        f"| {mode} | {runner} | {who.split()[1]} <= {KUBECTL_TARGET} x kubectl at "
+                        f"{cost * 1000:.0f} ms start cost | {ratio:.2f} x | {verdict(ratio <= KUBECTL_TARGET)} |"
+                    )
     idle = figures.idle
     lines += [
         "",

@@ -154,6 +154,13 @@ class Settings(BaseModel):
     warm_exec_max_age: float = Field(
         300, gt=0, description="seconds after which an unused warm exec is replaced by a new one"
     )
+    warm_exec_fresh: float = Field(
+        1,
+        ge=0,
+        le=60,
+        description="seconds: a warm exec heard from this recently (its open, a pong) is used without a "
+        "liveness ping first; 0 pings before every use",
+    )
 
     # Limits
     max_concurrent: int = Field(10, ge=1, le=10_000, description="execs running at once")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ class PoolRig:
     workspace: Workspace
     metrics: Metrics
     pod: Any
+    settings: Settings
+    open_warm: Callable[[Workspace, str], Awaitable[ExecStream]]
     opened: list[ExecStream] = field(default_factory=list)
     failing_opens: int = 0  # the next opens fail with an error that is not the API's refusal
 
@@ -103,7 +105,7 @@ async def rig(kube: Any, tmp_path: Path) -> AsyncIterator[PoolRig]:
         return stream
 
     pool = WarmPool(settings, metrics, open_warm)
-    rig = PoolRig(pool, found, metrics, pod, opened)
+    rig = PoolRig(pool, found, metrics, pod, settings, open_warm, opened)
     try:
         yield rig
     finally:
@@ -177,6 +179,31 @@ async def test_the_keeper_survives_an_unexpected_error(
     assert any(r.getMessage() == "warm exec open failed" and r.exc_info for r in caplog.records)
 
 
+@pytest.mark.parametrize("fresh", [3600.0, 0.0])
+async def test_a_warm_exec_heard_from_recently_is_used_without_a_ping(
+    kube: Any, rig: PoolRig, api_mode: str, fresh: float
+) -> None:
+    """Within --warm-exec-fresh of its open a warm exec is handed out as it is, with no ping
+    (its peer here answers none: a ping would find it silent); with 0 it is pinged first."""
+    await rig.pool.close()
+    kube.faults.append(Fault(path="/exec", user_agent="warm_exec=", ignore_pings=True, times=-1))
+    settings = rig.settings.model_copy(update={"warm_exec_fresh": fresh})
+    pool = WarmPool(settings, rig.metrics, rig.open_warm)
+    try:
+        assert await pool.take(rig.workspace, b"", "first") is None  # binds the pool
+
+        async def ready() -> bool:
+            return pool.describe()["ready"] == 1
+
+        await eventually(ready, "the pool filled")
+        taken = await pool.take(rig.workspace, b"", "second")
+        assert (taken is not None, discarded_count(rig.metrics, "silent")) == (fresh > 0, float(fresh == 0))
+        if taken is not None:
+            await taken.close()
+    finally:
+        await pool.close()
+
+
 # ---- through the proxy --------------------------------------------------------------------
 
 
@@ -188,9 +215,8 @@ async def test_a_silent_warm_exec_is_not_handed_out(
     and the warm exec is discarded as silent."""
     pod = kube.add_pod("ws-1", labels=LABELS)
     kube.faults.append(Fault(path="/exec", user_agent="warm_exec=", stall=True, ignore_pings=True, times=-1))
-    proxy = await kube_proxy(
-        kube, make_proxy, tmp_path, warm_execs=1, exec_ping_interval=5, exec_ping_timeout=20
-    )
+    settings = {"warm_execs": 1, "exec_ping_interval": 5, "exec_ping_timeout": 20, "warm_exec_fresh": 0}
+    proxy = await kube_proxy(kube, make_proxy, tmp_path, **settings)
     await exec_events(http, proxy, {"command": ["true"]})  # opens the pool
     await wait_for_pool(proxy, 1)
     ran = pod.root / "ran"

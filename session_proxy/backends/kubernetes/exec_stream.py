@@ -136,6 +136,10 @@ class ExecStream:
                 self.frame_too_large = self._ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         return None
 
+    def heard_within(self, seconds: float) -> bool:
+        """Whether the peer was heard from (the upgrade, any frame, a pong) in the last ``seconds``."""
+        return self._loop.time() - self._heard <= seconds
+
     async def answers_ping(self, timeout: float) -> bool:
         """Ping, and wait up to ``timeout`` seconds for that ping's pong: the peer is there now.
 

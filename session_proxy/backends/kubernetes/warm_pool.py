@@ -14,8 +14,9 @@ open (403, 5xx, a pod that cannot be exec'd) pauses refilling until a request fi
 usable again and the backoff is over, so a failing API server sees no hot loop and the log
 one line per pause.
 
-A warm exec is handed out only once it has answered a ping just then (a peer that died without
-a reset would take the header and run nothing), and is the request's only once its header is
+A warm exec is handed out only if its peer was heard from within ``warm_exec_fresh`` seconds
+(its open, a pong) or answers a ping then (a peer that died without a reset would take the
+header and run nothing), and is the request's only once its header is
 written: a request that ends before that (cancelled) closes it, so nothing it could have
 started is left running. An exec is opened by pod name, so one opened after the pod was
 replaced under the same name lands in the new pod: the opener then raises
@@ -93,6 +94,7 @@ class WarmPool:
         self._idle = settings.warm_exec_idle
         self._max_age = settings.warm_exec_max_age
         self._liveness_timeout = min(LIVENESS_TIMEOUT, settings.exec_ping_timeout)
+        self._fresh = settings.warm_exec_fresh
         self._metrics = metrics
         self._opener = opener
         self._loop = asyncio.get_running_loop()
@@ -169,11 +171,14 @@ class WarmPool:
         return None
 
     async def _why_unusable(self, warm: WarmExec) -> DiscardReason | None:
-        """None if ``warm`` answered a ping just now (its watcher stopped); else why not."""
+        """None if ``warm`` was heard from just before (its open, a pong) or answers a ping now
+        (its watcher stopped); else why not."""
         if warm.watcher is not None:
             await cancel_and_wait(warm.watcher)
         stream = warm.stream
-        if not stream.ended and await stream.answers_ping(self._liveness_timeout):
+        if not stream.ended and (
+            stream.heard_within(self._fresh) or await stream.answers_ping(self._liveness_timeout)
+        ):
             return None
         if stream.peer_silent:
             return "silent"
