@@ -6,7 +6,7 @@ Each run starts a proxy process on the local backend, times it to ``/readyz`` 20
 once ready, then (lazy mode) times the first ``/mcp`` request, which loads the SDK, and reads
 the RSS again. The "loaded at start" mode imports the SDK before the proxy starts, which is what
 an eager import in the app would cost. Runs alternate between the modes on the same machine;
-medians are reported, as a Markdown table for BENCHMARKS.md.
+medians are reported, as a Markdown table.
 """
 
 from __future__ import annotations

@@ -594,10 +594,22 @@ async def warm_section(work: Path, sizes: Sizes, command: str) -> str:
     return warm_start.render(figures, sizes.warm_runs, sizes.warm_levels, started)
 
 
+def invoked() -> str:
+    """The command line this run was started with, as a reader would type it."""
+    return " ".join(["python bench/run.py", *sys.argv[1:]])
+
+
+def supervisor_section(sizes: Sizes) -> str:
+    """The supervisor's size and per-exec cost against the shell wrapper and the floor."""
+    import supervisor
+
+    return supervisor.section(max(3, sizes.latency_runs // 2), invoked())
+
+
 async def warm_only(sizes: Sizes, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="session-proxy-bench-"))
     try:
-        report = await warm_section(work, sizes, "python bench/run.py --warm-only")
+        report = await warm_section(work, sizes, invoked())
         if out is not None:
             write_sections(out, {"warm execs": report})
         return report
@@ -667,8 +679,9 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
             spawned.append(proxy_slow)
             await measure_slow_reader(contenders, results, proxy_slow, slow_url)
         main = render(results, sizes) + "\n" + render_targets(results)
-        warm = await warm_section(work, sizes, "python bench/run.py")
-        report = main + "\n" + warm
+        warm = await warm_section(work, sizes, invoked())
+        supervisor = supervisor_section(sizes)
+        report = main + "\n" + warm + "\n" + supervisor
         memory_report = ""
         if sizes.latency_runs >= 10:  # not in --quick: its own smoke test runs --memory-only --quick
             memory_report = await memory_section(work, 5)
@@ -676,7 +689,7 @@ async def main_async(sizes: Sizes, out: Path | None) -> str:
         if out is not None:
             import memory
 
-            write_sections(out, {"main": main, "warm execs": warm})
+            write_sections(out, {"main": main, "warm execs": warm, "supervisor": supervisor})
             if memory_report:
                 memory.write_section(out, memory_report)
         (work / "results.json").write_text(json.dumps(results.__dict__, default=str))

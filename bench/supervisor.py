@@ -1,5 +1,6 @@
-"""The workspace supervisor's cost: its size, per exec against the shell wrapper and the floor,
-with a 1 MB argv or env, and warm `true` through the proxy under each runner.
+"""The workspace supervisor's cost: its size, and per exec against the shell wrapper and the
+floor, with a 1 MB argv or env (through the proxy, both runners are in bench/run.py's warm
+section).
 
 Per exec (no proxy, no API server: local pipes, as an exec's are), each contender pre-opened
 (started and waiting on its stdin before the clock starts), p50 of `true`:
@@ -7,28 +8,23 @@ Per exec (no proxy, no API server: local pipes, as an exec's are), each contende
   supervisor   the supervisor, sent its header
   wrapper      `sh -c <wrapper script>` (the shell wrapper), sent its header
 "to exit" ends when the exit is reported (the marker; the floor's EOF); "to stream end" when
-both output pipes are closed. Through the proxy: the Kubernetes API test server (real exec
-protocol, real local processes) and a proxy with a warm pool, each sample with the pool full.
+both output pipes are closed.
 
-Usage: python bench/supervisor.py [--runs 200]   (prints a Markdown section)
+Usage: python bench/supervisor.py [--runs 200]   (prints a Markdown section; bench/run.py
+writes it into BENCHMARKS.md)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import re
 import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,75 +106,24 @@ def per_exec(binary: Path, runs: int) -> dict[str, float]:
 
     figures["supervisor to exit"] = p50_ms(runs, lambda: supervised(["true"], {}, "exit:"))
     figures["supervisor to stream end"] = p50_ms(runs, lambda: supervised(["true"], {}, "", to_end=True))
+    figures["wrapper to exit"] = p50_ms(runs, lambda: shell(["true"], {}, "exit:"))
     few = max(3, runs // 20)
-    # The wrapper holds on for a second after each exit (it waits for late leftovers): fewer runs.
-    figures["wrapper to exit"] = p50_ms(max(3, runs // 4), lambda: shell(["true"], {}, "exit:"))
     big_env = {f"BIG{i}": ARG[: len(ARG) - 6] for i in range(8)}
-    figures["supervisor 1 MB argv to start"] = p50_ms(
-        few, lambda: supervised(["true", *[ARG] * 8], {}, "pgid:")
-    )
+    big_argv = ["true", *[ARG] * 8]
+    figures["supervisor 1 MB argv to start"] = p50_ms(few, lambda: supervised(big_argv, {}, "pgid:"))
     figures["supervisor 1 MB env to start"] = p50_ms(few, lambda: supervised(["true"], big_env, "pgid:"))
-    # 1 MB would take the wrapper many seconds (it reads byte by byte and decodes \\0ooo escapes).
-    figures["wrapper 100 KB argv to start"] = p50_ms(1, lambda: shell(["true", "y" * 100_000], {}, "pgid:"))
+    figures["wrapper 1 MB argv to start"] = p50_ms(few, lambda: shell(big_argv, {}, "pgid:"))
+    figures["wrapper 1 MB env to start"] = p50_ms(few, lambda: shell(["true"], big_env, "pgid:"))
     return figures
 
 
-async def through_proxy(binary: Path, runs: int, work: Path) -> dict[str, float]:
-    """p50 of warm `true` through the proxy, under the supervisor and under the shell wrapper."""
-    api = subprocess.Popen(
-        [sys.executable, "-m", "tests.kube_api_server", "--dir", str(work / "api")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    processes = [api]
-    figures: dict[str, float] = {}
-    try:
-        assert api.stdout is not None
-        while not (found := re.search(r"kubeconfig: (\S+)", api.stdout.readline())):
-            pass
-        kubeconfig = found.group(1)
-        async with aiohttp.ClientSession() as http:
-            for runner, where in (("supervisor", str(binary)), ("shell", str(work / "none"))):
-                log = work / f"proxy-{runner}.log"
-                proxy = subprocess.Popen(
-                    [sys.executable, "-m", "session_proxy", "serve", "--backend", "kubernetes",
-                     "--kubeconfig", kubeconfig, "--session-name", "demo", "--listen", "127.0.0.1:0",
-                     "--ops-listen", "", "--warm-execs", "1", "--workspace-supervisor", where,
-                     "--log-format", "json"],
-                    cwd=work, stderr=log.open("wb"), stdout=subprocess.DEVNULL,
-                )  # fmt: skip
-                processes.append(proxy)
-                while not (match := re.search(r'"exec_url": "([^"]+)"', log.read_text())):
-                    await asyncio.sleep(0.05)
-                url = match.group(1)
-                durations = []
-                for index in range(runs + 3):
-                    while index:  # each sample starts with the pool full (the first opens it)
-                        async with http.get(f"{url}/status") as response:
-                            if ((await response.json())["target"].get("warm_pool") or {}).get("ready"):
-                                break
-                        await asyncio.sleep(0.002)
-                    started = time.perf_counter()
-                    async with http.post(f"{url}/exec", json={"command": ["true"]}) as response:
-                        body = await response.read()
-                    if index >= 3:  # after warming up: discovery, probe, connections
-                        durations.append(time.perf_counter() - started)
-                    assert f'"runner":"{runner}"'.encode() in body, body[:300]
-                    assert index == 0 or b'"warm":true' in body, body[:300]
-                figures[f"proxy warm true, {runner}"] = statistics.median(durations) * 1000
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait()
-    return figures
-
-
-def render(size: int, direct: dict[str, float], proxied: dict[str, float], runs: int) -> str:
+def render(size: int, direct: dict[str, float], runs: int, command: str) -> str:
     lines = [
         "## The workspace supervisor: size and per-exec cost",
         "",
-        f"`python bench/supervisor.py --runs {runs}` (p50 of {runs} runs; `{SHELL}` as sh; "
-        f"{os.cpu_count()} cores, shared). The binary: **{size / 1024:.0f} KiB**, static (musl), "
-        "no runtime dependency.",
+        f"`{command}` (p50 of {runs} runs, the 1 MB rows {max(3, runs // 20)}; `{SHELL}` as sh; "
+        f"{os.cpu_count()} cores). The binary: **{size / 1024:.0f} KiB**, static (musl), no runtime "
+        "dependency.",
         "",
         "| per exec, pre-opened, local pipes | p50 (ms) |",
         "|---|---:|",
@@ -186,14 +131,16 @@ def render(size: int, direct: dict[str, float], proxied: dict[str, float], runs:
         "",
         f"Supervisor over the floor: **{direct['supervisor to exit'] - direct['floor']:+.2f} ms** to the exit "
         f"report, {direct['supervisor to stream end'] - direct['floor']:+.2f} ms to the stream's end (target: "
-        "within 1.5 ms; the proxy hop is the same for every runner).",
-        "",
-        "| through the proxy (API test server, warm pool) | p50 (ms) |",
-        "|---|---:|",
-        *(f"| {name} | {value:.2f} |" for name, value in proxied.items()),
-        "",
+        f"within 1.5 ms); the shell wrapper: {direct['wrapper to exit'] - direct['floor']:+.2f} ms to the exit "
+        "report (it forks the command through `setsid`, a dead-man watcher and a timer; the supervisor "
+        "does all three in one process). Through the proxy, both runners are in the warm section above.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
+
+
+def section(runs: int, command: str) -> str:
+    binary = supervisor_binary()
+    return render(binary.stat().st_size, per_exec(binary, runs), runs, command)
 
 
 def main() -> None:
@@ -202,11 +149,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=200)
     runs = parser.parse_args().runs
-    binary = supervisor_binary()
-    direct = per_exec(binary, runs)
-    with tempfile.TemporaryDirectory() as work:
-        proxied = asyncio.run(through_proxy(binary, runs, Path(work)))
-    print(render(binary.stat().st_size, direct, proxied, runs))
+    print(section(runs, f"python bench/supervisor.py --runs {runs}"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each exec'd process starts only after ``--exec-start-delay`` on the Kubernetes API test server:
 0 ms (a free start) and 25 ms (runc exec alone measured 4-27 ms per exec in
-opencontainers/runc #4432 and #4448), on both of its modes (modern: v5 and v4; old: v4 only).
+opencontainers/runc#4432 and opencontainers/runc#4448), on both of its modes (modern: v5 and v4; old: v4 only).
 Contenders, all against the same server, p50 of `true`:
   proxy-kube warm   session-proxy with a warm pool (each sample starts with the pool full: the
                     steady state of an agent that thinks between commands)
@@ -230,7 +230,7 @@ def render(figures: WarmFigures, runs: int, levels: tuple[int, ...], started: st
         f"p50 ms of `true`, {runs} samples per cell, on both modes of the API test server (modern: v5 "
         "and v4; old: v4 only), at each concurrency and modelled container-runtime start cost "
         "(`exec_start_delay` on the API test server, before each exec'd process starts; runc exec alone "
-        "measured 4-27 ms, opencontainers/runc #4432, #4448). The proxy runs commands under either "
+        "measured 4-27 ms, opencontainers/runc#4432, opencontainers/runc#4448). The proxy runs commands under either "
         "workspace runner: **sup**, the static workspace supervisor the session template installs, and "
         "**sh**, the shell wrapper any image with `/bin/sh` gets. Warm: a pool as large as the concurrency "
         f"(`--warm-execs {max(levels)}`), each batch starting with it full; cold: `--warm-execs 0`.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_bench_runs_quick(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = out.read_text()
-    headings = ("## Round trip", "## Streaming throughput", "## Concurrency", "## Footprint", "## Warm execs")
+    headings = ("## Round trip", "## Streaming throughput", "## Concurrency", "## Footprint", "## Warm execs",
+                "## The workspace supervisor")  # fmt: skip
     for heading in headings:
         assert heading in report
     latency = {row["contender"] for row in markdown_table(report, "## Round trip")}
@@ -73,3 +75,20 @@ def test_bench_memory_section_runs_quick(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["idle RSS"].endswith(" MB"), row
         assert row["peak (VmHWM)"].endswith(" MB"), row
+
+
+def test_every_table_in_benchmarks_md_is_written_by_the_bench() -> None:
+    """Every figure table of BENCHMARKS.md sits in a section that bench/run.py rewrites on each
+    run (its marked sections, and the memory section it replaces by heading), so none can be
+    left from an older run; the file names no file that does not exist, and no issue numbers."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    marked = r"<!-- written by bench/run.py \((.+?)\);.*?<!-- end of what bench/run.py \(\1\) writes -->"
+    outside = re.sub(marked, "", text, flags=re.DOTALL)
+    outside = outside[: outside.index("## Memory: at rest")]  # from here on: bench/memory.py's section
+    tables = [line for line in outside.splitlines() if line.startswith("|")]
+    assert tables == [], tables[:3]
+    named = set(re.findall(r"`((?:bench|tests|session_proxy|manifests|docs|supervisor)/[\w./-]+)`", text))
+    named |= set(re.findall(r"\]\(((?:docs|bench)/[\w./-]+)\)", text))
+    assert named, "the file names the scripts that write it"
+    assert [path for path in sorted(named) if not (ROOT / path).exists()] == []
+    assert re.findall(r"(?i)\bissues? #?\d+|(?<![\w/-])#\d+", text) == []

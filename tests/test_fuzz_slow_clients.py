@@ -2,7 +2,7 @@
 
 1,000 connections trickle their headers or their bodies a byte at a time while a real exec and
 /healthz are served; the test reports when the server closed each kind. Clients that stop
-reading their exec's answer are disconnected once it ended. Figures: BENCHMARKS.md,
+reading their exec's answer are disconnected once it ended. Figures: docs/reliability.md,
 "Reliability"; ``-s`` prints them.
 """
 

@@ -1,6 +1,6 @@
 """The jobs soak, quick: 400 background jobs, each overflowing its ring, through one proxy
 process: every read exact, the ended jobs kept bounded, nothing left, memory flat
-(bench/jobs_soak.py --quick; the full run's figures are in BENCHMARKS.md)."""
+(bench/jobs_soak.py --quick; the full run's figures are in docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The soak, quick: 2,100 execs through one proxy process leave no error, no process, no fd
-and no memory growth behind (bench/soak.py --quick; the full run's figures are in BENCHMARKS.md)."""
+and no memory growth behind (bench/soak.py --quick; the full run's figures are in docs/reliability.md)."""
 
 from __future__ import annotations
 
