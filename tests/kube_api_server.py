@@ -406,8 +406,16 @@ class KubeApiServer:
             await self._runner.cleanup()
         for pod in [*self.pods.values(), *self.deleted]:
             kill_pod_processes(pod.uid)
+        # Every exec'd process is ended and reaped here, even one that the scan above missed
+        # (its environment unreadable as it exited): one collected unreaped later is a
+        # ResourceWarning that fails whatever test is running then.
+        for process in self.processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                self.reap_later(process)
         if self._reapers:
-            await asyncio.wait(self._reapers, timeout=10)
+            await asyncio.wait(self._reapers, timeout=30)
         # An exited process's transport closes itself only once its pipe callbacks ran; close
         # every one that is left, so none is collected unclosed (a ResourceWarning) later.
         for process in self.processes:
