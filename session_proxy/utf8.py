@@ -4,7 +4,9 @@ Pipes cut output anywhere, including inside a multi-byte character. The stdlib's
 decoder holds the incomplete tail of a chunk back until the next chunk completes it; with
 ``surrogateescape`` each byte that can never be valid UTF-8 comes out as one lone surrogate
 (valid UTF-8 never decodes to one), so exactly those bytes are sent as base64 and the text
-around them stays text. Every byte reaches the client exactly once and in order.
+around them stays text. A chunk that is mostly binary (more than ``BINARY_RUNS`` runs of
+invalid bytes) goes as one base64 piece instead: split at every invalid byte, random data
+would become an event per few bytes. Every byte reaches the client exactly once and in order.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ from typing import Final, Literal
 PieceKind = Literal["data", "data_b64"]
 Piece = tuple[PieceKind, str]
 ESCAPED_BYTES: Final = re.compile("([\udc80-\udcff]+)")
+BINARY_RUNS: Final = 16
 
 
 def _pieces(text: str) -> list[Piece]:
     """Text runs as ``data``, runs of escaped bytes as ``data_b64``, in order."""
     if text.isascii() or not ESCAPED_BYTES.search(text):
         return [("data", text)] if text else []
+    parts = ESCAPED_BYTES.split(text)
+    if len(parts) > 2 * BINARY_RUNS + 1:
+        raw = text.encode("utf-8", "surrogateescape")
+        return [("data_b64", base64.b64encode(raw).decode("ascii"))]
     pieces: list[Piece] = []
-    for index, part in enumerate(ESCAPED_BYTES.split(text)):
+    for index, part in enumerate(parts):
         if not part:
             continue
         if index % 2:  # the captured separators: escaped bytes

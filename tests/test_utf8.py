@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from session_proxy.utf8 import Utf8Splitter
+from session_proxy.utf8 import BINARY_RUNS, Utf8Splitter
 
 
 def reassemble(chunks: list[bytes]) -> tuple[bytes, list[tuple[str, str]]]:
@@ -74,3 +74,16 @@ def test_encoded_surrogates_are_bytes_not_text() -> None:
     data, pieces = reassemble([b"a\xed\xa0\x80b"])
     assert data == b"a\xed\xa0\x80b"
     assert pieces == [("data", "a"), ("data_b64", base64.b64encode(b"\xed\xa0\x80").decode()), ("data", "b")]
+
+
+def test_a_mostly_binary_chunk_is_one_base64_piece() -> None:
+    """Random bytes (an invalid byte every few) go as one piece per chunk, not an event per run;
+    a chunk with a few invalid bytes still keeps its text as text."""
+    raw = random.Random(7).randbytes(64 * 1024)
+    data, pieces = reassemble([raw])
+    assert data == raw
+    assert [kind for kind, _ in pieces] == ["data_b64"]
+    few = b"ok \xff " * BINARY_RUNS
+    data, pieces = reassemble([few])
+    assert data == few
+    assert sum(kind == "data" for kind, _ in pieces) == BINARY_RUNS + 1  # around each invalid byte
