@@ -87,3 +87,15 @@ def test_a_mostly_binary_chunk_is_one_base64_piece() -> None:
     data, pieces = reassemble([few])
     assert data == few
     assert sum(kind == "data" for kind, _ in pieces) == BINARY_RUNS + 1  # around each invalid byte
+
+
+def test_binary_and_text_mixed_in_large_chunks_are_lossless() -> None:
+    """Chunks large enough to be taken as binary, cut inside characters and between text and
+    random bytes, come back byte for byte (held-back bytes go with a binary chunk)."""
+    rng = random.Random(99)
+    for _ in range(60):
+        parts = [rng.randbytes(rng.randint(0, 9000)), "€😀é text ".encode() * rng.randint(0, 900)]
+        raw = b"".join(rng.sample(parts, len(parts))) * 2
+        cuts = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.randint(0, 8))))
+        chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+        assert reassemble(chunks)[0] == raw
