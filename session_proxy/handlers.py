@@ -103,6 +103,19 @@ def parse_exec_request(body: bytes, settings: Settings, *, max_timeout: float | 
         raise InvalidRequest(f"invalid request: {summary}", fields) from None
 
 
+def exec_spec(exec_request: ExecRequest, *, default_timeout: float, arrived: float) -> ExecSpec:
+    """What a backend runs for a validated request (an exec or a job), under a new exec id."""
+    return ExecSpec(
+        exec_id=secrets.token_hex(8),
+        argv=exec_request.command,
+        workdir=exec_request.workdir,
+        env=exec_request.env,
+        stdin=exec_request.stdin_bytes(),
+        timeout=exec_request.timeout or default_timeout,
+        arrived=arrived,
+    )
+
+
 async def post_exec(request: web.Request) -> web.StreamResponse:
     arrived = asyncio.get_running_loop().time()
     app = request.app
@@ -115,15 +128,7 @@ async def post_exec(request: web.Request) -> web.StreamResponse:
     exec_request = parse_exec_request(await _read_body(request, settings), settings)
     slot = await app[ADMISSION].admit()
     try:  # from here on the run holds the slot until the command's group is gone
-        spec = ExecSpec(
-            exec_id=secrets.token_hex(8),
-            argv=exec_request.command,
-            workdir=exec_request.workdir,
-            env=exec_request.env,
-            stdin=exec_request.stdin_bytes(),
-            timeout=exec_request.timeout or settings.default_timeout,
-            arrived=arrived,
-        )
+        spec = exec_spec(exec_request, default_timeout=settings.default_timeout, arrived=arrived)
         run = ExecRun(
             request,
             spec,

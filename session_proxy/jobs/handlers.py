@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 from typing import Any, Final
 
 from aiohttp import web
 
-from ..backends.base import ExecSpec
 from ..errors import InvalidRequest
-from ..handlers import _check_content, _check_streamable, _read_body, parse_exec_request
+from ..handlers import _check_content, _check_streamable, _read_body, exec_spec, parse_exec_request
 from ..keys import ADMISSION, JOBS, SETTINGS, SUPERVISOR
 from ..ndjson import EventStream
 from ..streaming import shutting_down
@@ -68,16 +66,7 @@ async def post_job(request: web.Request) -> web.Response:
     jobs = app[JOBS]
     jobs.check_room()
     await app[ADMISSION].take_rate_token()
-    spec = ExecSpec(
-        exec_id=secrets.token_hex(8),
-        argv=job_request.command,
-        workdir=job_request.workdir,
-        env=job_request.env,
-        stdin=job_request.stdin_bytes(),
-        timeout=job_request.timeout or settings.max_job_duration,
-        arrived=arrived,
-    )
-    job = await jobs.start(spec)
+    job = await jobs.start(exec_spec(job_request, default_timeout=settings.max_job_duration, arrived=arrived))
     return web.json_response(
         job.document().model_dump(mode="json"),
         status=201,
