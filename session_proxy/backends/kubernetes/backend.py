@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Final
 
 from ... import __version__
@@ -107,13 +108,9 @@ class KubernetesBackend:
             grace=math.ceil(self._settings.kill_grace),
             leftover_grace=self._after_exit.leftover_grace,
         )
-        stdin = spec.stdin or b""
-        stream = await self._take_warm(workspace, header, spec.exec_id)
-        warm = stream is not None
-        on_end = self._pool.released if warm and self._pool is not None else None
-        if stream is None:
-            stream = await self._open(workspace, [SHELL, "-c", WRAPPER_SCRIPT], spec.exec_id, stdin=True)
-            stdin = header + stdin
+        stream, stdin, warm, on_end = await self._runner_stream(
+            workspace, header, spec, [SHELL, "-c", WRAPPER_SCRIPT]
+        )
         return KubernetesExecution(
             stream,
             target=target,
@@ -134,14 +131,9 @@ class KubernetesBackend:
         nonce = new_nonce()
         now = asyncio.get_running_loop().time()
         header = supervisor_header(spec, nonce, now=now, grace=self._settings.kill_grace)
-        stdin = spec.stdin or b""
-        stream = await self._take_warm(workspace, header, spec.exec_id)
-        warm = stream is not None
-        on_end = self._pool.released if warm and self._pool is not None else None
-        if stream is None:
-            argv = [self._settings.workspace_supervisor]
-            stream = await self._open(workspace, argv, spec.exec_id, stdin=True)
-            stdin = header + stdin
+        stream, stdin, warm, on_end = await self._runner_stream(
+            workspace, header, spec, [self._settings.workspace_supervisor]
+        )
         return SupervisedExecution(
             stream,
             target=target,
@@ -154,6 +146,20 @@ class KubernetesBackend:
             drain=self._after_exit.drain(),
             on_end=on_end,
         )
+
+    async def _runner_stream(
+        self, workspace: Workspace, header: bytes, spec: ExecSpec, cold_argv: list[str]
+    ) -> tuple[ExecStream, bytes, bool, Callable[[], None] | None]:
+        """A warm exec with ``header`` already written, or a new exec of ``cold_argv`` whose stdin
+        starts with it: the stream, the stdin left to send, whether it was warm, and what to call
+        once the request has ended (a warm exec's replacement waits for that)."""
+        stdin = spec.stdin or b""
+        stream = await self._take_warm(workspace, header, spec.exec_id)
+        if stream is not None:
+            assert self._pool is not None  # only the pool hands out warm execs
+            return stream, stdin, True, self._pool.released
+        stream = await self._open(workspace, cold_argv, spec.exec_id, stdin=True)
+        return stream, header + stdin, False, None
 
     async def _take_warm(self, workspace: Workspace, header: bytes, exec_id: str) -> ExecStream | None:
         """A live warm exec with the header written to it, or None: go cold."""
